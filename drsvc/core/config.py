@@ -1,0 +1,286 @@
+"""The TOML configuration, validated at the edge into frozen, typed objects.
+
+Errors name the key that is wrong (``sources.hr.min_copies``). Secrets (site credentials, passphrases) are
+read from files or environment variables; an inline value is accepted for tests and demos only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drsvc.core.errors import ConfigError
+
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (write e.g. 8MiB, 500MB or 1048576)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+Size = Annotated[int, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Secret(_Model):
+    """A secret from a file (first line, or whole file for key files), an environment variable, or inline."""
+
+    file: Path | None = None
+    env: str | None = None
+    value: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Secret:
+        if sum(x is not None for x in (self.file, self.env, self.value)) != 1:
+            raise ValueError("give exactly one of file, env, value")
+        return self
+
+    def read_bytes(self, what: str) -> bytes:
+        if self.file is not None:
+            try:
+                return self.file.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {what} file {self.file}: {exc.strerror}", key=what) from None
+        if self.env is not None:
+            val = os.environ.get(self.env)
+            if val is None:
+                raise ConfigError(f"environment variable {self.env} is not set", key=what)
+            return val.encode()
+        assert self.value is not None
+        return self.value.encode()
+
+    def read_text(self, what: str) -> str:
+        raw = self.read_bytes(what).decode()
+        return raw.splitlines()[0] if self.file is not None and raw else raw
+
+
+class KeyConfig(_Model):
+    """How this host opens a tenant's repository: a passphrase, or a key file."""
+
+    passphrase: Secret | None = None
+    keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> KeyConfig:
+        if (self.passphrase is None) == (self.keyfile is None):
+            raise ValueError("give exactly one of passphrase, keyfile")
+        return self
+
+    def material(self, tenant: str) -> tuple[str, bytes]:
+        if self.passphrase is not None:
+            return "passphrase", self.passphrase.read_text(f"tenants.{tenant}.key.passphrase").encode()
+        assert self.keyfile is not None
+        try:
+            return "keyfile", self.keyfile.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read key file {self.keyfile}: {exc.strerror}", key=f"tenants.{tenant}.key.keyfile"
+            ) from None
+
+
+class ChunkerConfig(_Model):
+    min_size: Size = 16 * 1024
+    avg_size: Size = 64 * 1024
+    max_size: Size = 256 * 1024
+
+    @model_validator(mode="after")
+    def _order(self) -> ChunkerConfig:
+        if not (64 <= self.min_size <= self.avg_size <= self.max_size <= 16 * 1024 * 1024):
+            raise ValueError("need 64 <= min_size <= avg_size <= max_size <= 16MiB")
+        return self
+
+
+class TenantConfig(_Model):
+    key: KeyConfig
+    suite: Literal["aes-256-gcm", "sm4-gcm"] = "aes-256-gcm"
+    chunker: ChunkerConfig = ChunkerConfig()
+    pack_size: Size = 8 * 1024 * 1024
+    compression_level: int = Field(default=1, ge=-7, le=19)
+
+    @field_validator("pack_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+class LocalSiteConfig(_Model):
+    type: Literal["local"]
+    path: Path
+    fsync: bool = True
+
+
+class S3SiteConfig(_Model):
+    type: Literal["s3"]
+    endpoint: str
+    bucket: str
+    prefix: str = ""
+    secure: bool = True
+    region: str | None = None
+    access_key: Secret
+    secret_key: Secret
+    concurrency: int = Field(default=8, ge=1, le=256)
+    timeout: float = Field(default=30.0, gt=0)
+    create_bucket: bool = False
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if "://" in v or "/" in v:
+            raise ValueError("endpoint is host:port, without scheme or path (set secure for https)")
+        return v
+
+
+SiteConfig = Annotated[LocalSiteConfig | S3SiteConfig, Field(discriminator="type")]
+
+
+class SourceConfig(_Model):
+    tenant: str
+    type: Literal["tree"]
+    path: Path
+    sites: tuple[str, ...] = Field(min_length=1)
+    min_copies: int = Field(default=1, ge=1)
+    exclude: tuple[str, ...] = ()
+    page_files: tuple[str, ...] = ("*.db", "*.sqlite", "*.sqlite3", "*.ibd", "*.mdf", "*.ndf", "*.dbf")
+    page_size: Size = 8192
+    one_file_system: bool = True
+
+    @model_validator(mode="after")
+    def _copies(self) -> SourceConfig:
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError("sites lists a site twice")
+        if self.min_copies > len(self.sites):
+            raise ValueError(f"min_copies = {self.min_copies} but only {len(self.sites)} sites are listed")
+        return self
+
+    def is_excluded(self, rel: str) -> bool:
+        base = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(base, p) for p in self.exclude)
+
+    def is_page_file(self, rel: str) -> bool:
+        base = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatch(base, p) for p in self.page_files)
+
+
+class StateConfig(_Model):
+    dir: Path
+    spool_quota: Size = 10 * 1024**3
+
+    @field_validator("spool_quota", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+class Config(_Model):
+    state: StateConfig
+    tenants: dict[Annotated[str, Field(pattern=_NAME)], TenantConfig]
+    sites: dict[Annotated[str, Field(pattern=_NAME)], SiteConfig]
+    sources: dict[Annotated[str, Field(pattern=_NAME)], SourceConfig]
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        for name, src in self.sources.items():
+            if src.tenant not in self.tenants:
+                raise _KeyError(f"sources.{name}.tenant", f"unknown tenant {src.tenant!r}")
+            for site in src.sites:
+                if site not in self.sites:
+                    raise _KeyError(f"sources.{name}.sites", f"unknown site {site!r}")
+        return self
+
+    def source(self, name: str) -> SourceConfig:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise ConfigError(
+                f"no source {name!r}; configured: {', '.join(sorted(self.sources)) or 'none'}", key="sources"
+            ) from None
+
+    def tenant_sites(self, tenant: str) -> list[str]:
+        """Every site that any source of `tenant` uses, in config order."""
+        seen: dict[str, None] = {}
+        for src in self.sources.values():
+            if src.tenant == tenant:
+                seen.update(dict.fromkeys(src.sites))
+        return list(seen)
+
+
+class _KeyError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _resolve(base: Path, data: Any) -> Any:
+    """Make relative paths in the config relative to the config file's directory."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            if k in ("path", "dir", "file", "keyfile") and isinstance(v, str) and not os.path.isabs(v):
+                out[k] = str(base / v)
+            else:
+                out[k] = _resolve(base, v)
+        return out
+    return data
+
+
+def parse_config(data: dict[str, Any], base: Path | None = None, path: Path | None = None) -> Config:
+    if base is not None:
+        data = _resolve(base, data)
+    try:
+        return Config.model_validate({**data, "path": path})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyError):
+            raise ConfigError(str(ctx_err), key=ctx_err.key) from None
+        key = ".".join(
+            str(p) for p in err["loc"] if not str(p).endswith("SiteConfig") and p not in ("local", "s3")
+        )
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{msg}{more}", key=key or "(top level)") from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", key=str(p)) from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}", key=str(p)) from None
+    return parse_config(data, base=p.resolve().parent, path=p)

@@ -1,0 +1,321 @@
+"""Codecs of the repository format, version 1 (docs/FORMAT.md).
+
+Everything here is pure: bytes in, records out. Sealing lives in ``crypto``; naming in ``layout``.
+Decoders treat their input as hostile: anything malformed raises IntegrityError naming the object.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zstandard
+
+from drsvc.core.crypto import BlobType, Keys, PackCipher
+from drsvc.core.errors import IntegrityError
+
+FORMAT = 1
+TRAILER = struct.Struct("<I")
+
+# ---- blob payloads ----------------------------------------------------------------------------------
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+
+def encode_payload(data: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> bytes:
+    """The plaintext of a blob before sealing: a codec byte, then zstd of the data or the data itself."""
+    packed = cctx.compress(data)
+    if len(packed) < len(data):
+        return bytes([CODEC_ZSTD]) + packed
+    return bytes([CODEC_RAW]) + bytes(data)
+
+
+def decode_payload(payload: bytes, raw_length: int, dctx: zstandard.ZstdDecompressor, where: str) -> bytes:
+    if not payload:
+        raise IntegrityError("empty blob payload", object=where)
+    if payload[0] == CODEC_RAW:
+        data = payload[1:]
+    elif payload[0] == CODEC_ZSTD:
+        try:
+            data = dctx.decompress(payload[1:], max_output_size=raw_length)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"blob does not decompress: {exc}", object=where) from None
+    else:
+        raise IntegrityError(f"unknown blob codec {payload[0]}", object=where)
+    if len(data) != raw_length:
+        raise IntegrityError(f"blob is {len(data)} bytes, index says {raw_length}", object=where)
+    return data
+
+
+# ---- packs ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    """Where one blob lies in its pack: offsets from the start of the pack object."""
+
+    btype: BlobType
+    blob_id: bytes
+    offset: int
+    length: int
+    raw_length: int
+
+    def to_wire(self) -> list[Any]:
+        return [int(self.btype), self.blob_id, self.offset, self.length, self.raw_length]
+
+    @classmethod
+    def from_wire(cls, w: Any, where: str) -> BlobEntry:
+        try:
+            t, bid, off, ln, raw = w
+            entry = cls(BlobType(t), bytes(bid), int(off), int(ln), int(raw))
+        except (TypeError, ValueError) as exc:
+            raise IntegrityError(f"malformed blob entry: {exc}", object=where) from None
+        if len(entry.blob_id) != 32 or entry.offset < 0 or entry.length <= 0 or entry.raw_length < 0:
+            raise IntegrityError("blob entry out of range", object=where)
+        return entry
+
+
+class PackWriter:
+    """Builds one pack in memory: sealed blobs back to back, then the sealed header and its length."""
+
+    def __init__(self, keys: Keys, name: str) -> None:
+        self.name = name
+        self.cipher = PackCipher(keys)
+        self._parts: list[bytes] = [self.cipher.header()]
+        self.size = len(self._parts[0])
+        self.entries: list[BlobEntry] = []
+
+    def add(self, btype: BlobType, blob_id: bytes, payload: bytes, raw_length: int) -> BlobEntry:
+        sealed = self.cipher.seal_blob(len(self.entries) + 1, btype, blob_id, payload)
+        entry = BlobEntry(btype, blob_id, self.size, len(sealed), raw_length)
+        self._parts.append(sealed)
+        self.size += len(sealed)
+        self.entries.append(entry)
+        return entry
+
+    def add_sealed(self, btype: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> BlobEntry:
+        """Append a blob sealed elsewhere with ``cipher.seal_blob(counter=len(entries) + 1, ...)``."""
+        entry = BlobEntry(btype, blob_id, self.size, len(sealed), raw_length)
+        self._parts.append(sealed)
+        self.size += len(sealed)
+        self.entries.append(entry)
+        return entry
+
+    def finish(self) -> bytes:
+        header = msgpack.packb([FORMAT, [e.to_wire() for e in self.entries]])
+        sealed = self.cipher.seal_header(self.name, header)
+        self._parts += [sealed, TRAILER.pack(len(sealed))]
+        return b"".join(self._parts)
+
+
+def read_pack_header(keys: Keys, name: str, data: bytes) -> tuple[bytes, list[BlobEntry]]:
+    """The salt and blob entries of a whole pack object (used by check and index rebuild)."""
+    from drsvc.core.crypto import ObjectType, parse_header
+
+    suite, salt = parse_header(data, ObjectType.PACK, name)
+    if len(data) < 24 + TRAILER.size:
+        raise IntegrityError("pack too short", object=name)
+    (hlen,) = TRAILER.unpack_from(data, len(data) - TRAILER.size)
+    start = len(data) - TRAILER.size - hlen
+    if hlen <= 0 or start < 24:
+        raise IntegrityError("pack header length out of range", object=name)
+    plain = PackCipher(keys, salt).open_header(name, memoryview(data)[start : len(data) - TRAILER.size])
+    entries = _unpack_entries(plain, name)
+    for e in entries:
+        if e.offset + e.length > start:
+            raise IntegrityError("blob entry points past the pack's blobs", object=name)
+    return salt, entries
+
+
+def _unpack_entries(plain: bytes, where: str) -> list[BlobEntry]:
+    try:
+        version, wire = msgpack.unpackb(plain)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"malformed pack header: {exc}", object=where) from None
+    if version != FORMAT:
+        raise IntegrityError(f"unsupported pack header version {version}", object=where)
+    return [BlobEntry.from_wire(w, where) for w in wire]
+
+
+# ---- index files ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    """The index entries of one pack."""
+
+    pack: str
+    salt: bytes
+    blobs: tuple[BlobEntry, ...]
+
+
+def encode_index(packs: Iterable[PackIndex]) -> bytes:
+    body = [[p.pack, p.salt, [b.to_wire() for b in p.blobs]] for p in packs]
+    return msgpack.packb({"v": FORMAT, "packs": body})
+
+
+def decode_index(data: bytes, where: str) -> list[PackIndex]:
+    try:
+        obj = msgpack.unpackb(data)
+        if obj.get("v") != FORMAT:
+            raise ValueError(f"unsupported index version {obj.get('v')}")
+        out = []
+        for name, salt, blobs in obj["packs"]:
+            if not isinstance(name, str) or len(salt) != 16:
+                raise ValueError("bad pack entry")
+            out.append(PackIndex(name, bytes(salt), tuple(BlobEntry.from_wire(b, where) for b in blobs)))
+        return out
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"malformed index: {exc}", object=where) from None
+
+
+# ---- trees ------------------------------------------------------------------------------------------
+
+FILE, DIR, SYMLINK = "f", "d", "l"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One directory entry. Names are bytes (POSIX names need not be UTF-8)."""
+
+    name: bytes
+    kind: str
+    mode: int
+    mtime_ns: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    inode: int = 0
+    ctime_ns: int = 0
+    content: tuple[bytes, ...] = ()  # chunk ids, for files
+    subtree: bytes = b""  # tree blob id, for directories
+    target: bytes = b""  # link target, for symlinks
+    changed: bool = False  # the file changed while it was read: content is a best effort
+
+    def to_wire(self) -> dict[str, Any]:
+        w: dict[str, Any] = {"n": self.name, "k": self.kind, "m": self.mode, "t": self.mtime_ns}
+        for key, val in (
+            ("u", self.uid),
+            ("g", self.gid),
+            ("s", self.size),
+            ("i", self.inode),
+            ("c", self.ctime_ns),
+        ):
+            if val:
+                w[key] = val
+        if self.content:
+            w["x"] = list(self.content)
+        if self.subtree:
+            w["d"] = self.subtree
+        if self.target:
+            w["l"] = self.target
+        if self.changed:
+            w["ch"] = True
+        return w
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> Node:
+        node = cls(
+            name=bytes(w["n"]),
+            kind=str(w["k"]),
+            mode=int(w["m"]),
+            mtime_ns=int(w["t"]),
+            uid=int(w.get("u", 0)),
+            gid=int(w.get("g", 0)),
+            size=int(w.get("s", 0)),
+            inode=int(w.get("i", 0)),
+            ctime_ns=int(w.get("c", 0)),
+            content=tuple(bytes(c) for c in w.get("x", ())),
+            subtree=bytes(w.get("d", b"")),
+            target=bytes(w.get("l", b"")),
+            changed=bool(w.get("ch", False)),
+        )
+        if node.kind not in (FILE, DIR, SYMLINK):
+            raise ValueError(f"unknown node kind {node.kind!r}")
+        if any(len(c) != 32 for c in node.content) or (node.subtree and len(node.subtree) != 32):
+            raise ValueError("content ids must be 32 bytes")
+        return node
+
+
+def encode_tree(nodes: Iterable[Node]) -> bytes:
+    ordered = sorted(nodes, key=lambda n: n.name)
+    return msgpack.packb({"v": FORMAT, "nodes": [n.to_wire() for n in ordered]})
+
+
+def decode_tree(data: bytes, where: str) -> list[Node]:
+    try:
+        obj = msgpack.unpackb(data)
+        if obj.get("v") != FORMAT:
+            raise ValueError(f"unsupported tree version {obj.get('v')}")
+        return [Node.from_wire(w) for w in obj["nodes"]]
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"malformed tree: {exc}", object=where) from None
+
+
+# ---- snapshot records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    id: str
+    tenant: str
+    source: str
+    time_ns: int  # the point in time the snapshot represents (scan start), UTC nanoseconds
+    tree: bytes  # root tree blob id
+    parent: str | None = None
+    host: str = ""
+    finished_ns: int = 0
+    partial: bool = False
+    warnings: tuple[str, ...] = ()
+    stats: dict[str, int] = field(default_factory=dict)
+    index: tuple[str, ...] = ()  # index objects written by this snapshot
+
+
+def encode_snapshot(s: SnapshotRecord) -> bytes:
+    return msgpack.packb(
+        {
+            "v": FORMAT,
+            "id": s.id,
+            "tenant": s.tenant,
+            "source": s.source,
+            "time": s.time_ns,
+            "tree": s.tree,
+            "parent": s.parent,
+            "host": s.host,
+            "finished": s.finished_ns,
+            "partial": s.partial,
+            "warnings": list(s.warnings),
+            "stats": s.stats,
+            "index": list(s.index),
+        }
+    )
+
+
+def decode_snapshot(data: bytes, where: str) -> SnapshotRecord:
+    try:
+        o = msgpack.unpackb(data)
+        if o.get("v") != FORMAT:
+            raise ValueError(f"unsupported snapshot version {o.get('v')}")
+        tree = bytes(o["tree"])
+        if len(tree) != 32:
+            raise ValueError("tree id must be 32 bytes")
+        return SnapshotRecord(
+            id=str(o["id"]),
+            tenant=str(o["tenant"]),
+            source=str(o["source"]),
+            time_ns=int(o["time"]),
+            tree=tree,
+            parent=o["parent"],
+            host=str(o["host"]),
+            finished_ns=int(o["finished"]),
+            partial=bool(o["partial"]),
+            warnings=tuple(str(w) for w in o["warnings"]),
+            stats={str(k): int(v) for k, v in o["stats"].items()},
+            index=tuple(str(i) for i in o["index"]),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"malformed snapshot record: {exc}", object=where) from None

@@ -1,0 +1,75 @@
+"""The local spool: sealed objects, fsync'd, waiting for their sites.
+
+``Spool.put`` is the one way an object enters the system: the file is written to a temporary name, fsync'd,
+renamed and its directory fsync'd; only then is its outbox row committed. Nothing is acknowledged to a source
+before ``put`` returns. The file goes when every target site holds the object (``Spool.shipped``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from drsvc.core.errors import DRError, ObjectNotFound
+from drsvc.core.outbox import Outbox
+
+
+class SpoolFull(DRError):
+    hint = "a site is down or slow: the spool holds the backlog; free space, raise the quota or fix the site"
+
+
+class Spool:
+    def __init__(self, state_dir: Path, quota: int = 0) -> None:
+        self.dir = state_dir / "spool"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(state_dir / "outbox.db")
+        self.quota = quota
+
+    def path(self, key: str) -> Path:
+        return self.dir / key
+
+    def put(self, key: str, data: bytes, tenant: str, sites: Sequence[str], barrier: bool = False) -> int:
+        """Durably spool an object for `sites` (blocking: call from a worker thread)."""
+        path = self.path(key)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return self.outbox.add(key, tenant, len(data), sites, barrier)
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(
+                "spooled object is missing",
+                key=key,
+                site="spool",
+                hint="the local spool was altered; run `drsvc check`",
+            ) from None
+
+    def shipped(self, seq: int, key: str) -> None:
+        """Every target site holds the object: drop the file, then the row (a crash between is harmless)."""
+        self.path(key).unlink(missing_ok=True)
+        self.outbox.forget(seq)
+
+    def used_bytes(self) -> int:
+        return self.outbox.spooled_bytes()
+
+    def close(self) -> None:
+        self.outbox.close()

@@ -1,0 +1,151 @@
+"""A site that is a local or NFS-mounted directory: the embedded default.
+
+Writes go to a temporary file in the destination directory, are fsync'd, renamed into place, and the
+directory is fsync'd, so an object is either absent or complete, across a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from drsvc.core.errors import ObjectNotFound, StoreError, TransientStoreError
+from drsvc.core.stores import ObjectInfo
+
+T = TypeVar("T")
+_TMP = ".tmp-"
+
+
+class LocalStore:
+    def __init__(self, name: str, root: str | Path, *, threads: int = 4, fsync: bool = True) -> None:
+        self.name = name
+        self.root = Path(root)
+        self.fsync = fsync
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"local-{name}")
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+            raise StoreError("invalid object key", site=self.name, key=key)
+        return self.root / key
+
+    async def _run(self, fn: object, *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type, no-any-return]
+
+    def _error(self, exc: OSError, key: str, what: str) -> StoreError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN):
+            return TransientStoreError(f"{what} failed: {exc.strerror}", site=self.name, key=key)
+        return StoreError(f"{what} failed: {exc.strerror}", site=self.name, key=key)
+
+    # -- blocking halves --------------------------------------------------------------------------
+    def _put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self.fsync:
+                dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except (OSError, UnboundLocalError):
+                pass
+            raise self._error(exc, key, "write") from exc
+
+    def _get(self, key: str, offset: int, length: int | None) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                if offset:
+                    f.seek(offset)
+                data = f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound("no such object", site=self.name, key=key) from None
+        except OSError as exc:
+            raise self._error(exc, key, "read") from exc
+        if length is not None and len(data) != length:
+            raise StoreError(
+                f"short read: {len(data)} of {length} bytes at offset {offset}", site=self.name, key=key
+            )
+        return data
+
+    def _stat(self, key: str) -> ObjectInfo | None:
+        try:
+            return ObjectInfo(key, self._path(key).stat().st_size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc, key, "stat") from exc
+
+    def _list(self, prefix: str) -> list[ObjectInfo]:
+        base, _, _ = prefix.rpartition("/")
+        top = self.root / base if base else self.root
+        out: list[ObjectInfo] = []
+        if not top.is_dir():
+            return out
+        try:
+            for dirpath, _dirs, files in os.walk(top):
+                rel = os.path.relpath(dirpath, self.root)
+                for fname in files:
+                    if fname.startswith(_TMP):
+                        continue
+                    key = fname if rel == "." else f"{rel}/{fname}"
+                    if key.startswith(prefix):
+                        out.append(ObjectInfo(key, os.stat(os.path.join(dirpath, fname)).st_size))
+        except OSError as exc:
+            raise self._error(exc, prefix, "list") from exc
+        return out
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, key, "delete") from exc
+
+    # -- protocol ---------------------------------------------------------------------------------
+    async def put(self, key: str, data: bytes) -> None:
+        await self._run(self._put, key, data)
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        data: bytes = await self._run(self._get, key, offset, length)
+        return data
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        info: ObjectInfo | None = await self._run(self._stat, key)
+        return info
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        items: list[ObjectInfo] = await self._run(self._list, prefix)
+        for item in items:
+            yield item
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._delete, key)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.name!r}, {str(self.root)!r})"
