@@ -1,0 +1,175 @@
+"""Wiring: config -> stores, spool, repositories; the operations the CLI (and later the API) call.
+
+Domain code lives in drsvc.core, snapshot, replicator and restore; this module only connects them and never
+prints: it returns results and reports progress through callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import replicator
+import restore
+import snapshot
+from drsvc.core.config import Config
+from drsvc.core.crypto import ScryptParams, Suite
+from drsvc.core.errors import ConfigError, RepositoryNotFound
+from drsvc.core.format import SnapshotRecord
+from drsvc.core.repository import Repository, RepoParams, init_repository, read_config, unlock_repository
+from drsvc.core.spool import Spool
+from drsvc.core.stores import ObjectStore
+from drsvc.core.stores.compose import open_site
+
+
+@dataclass
+class SnapshotOutcome:
+    result: snapshot.SnapshotResult
+    protection: replicator.Protection
+    reports: list[replicator.ShipReport]
+    seconds: float
+
+
+class App:
+    def __init__(self, config: Config, workers: int | None = None) -> None:
+        self.config = config
+        self._stores: dict[str, ObjectStore] = {}
+        self._spool: Spool | None = None
+        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="data")
+
+    async def __aenter__(self) -> App:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for s in self._stores.values():
+            await s.close()
+        self._stores.clear()
+        if self._spool is not None:
+            self._spool.close()
+        self.pool.shutdown(wait=True)
+
+    # -- resources --------------------------------------------------------------------------------
+    def store(self, site: str) -> ObjectStore:
+        if site not in self.config.sites:
+            raise ConfigError(f"no site {site!r}; configured: {', '.join(self.config.sites)}", key="sites")
+        if site not in self._stores:
+            self._stores[site] = open_site(site, self.config.sites[site])
+        return self._stores[site]
+
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            self._spool = Spool(self.config.state.dir, self.config.state.spool_quota)
+        return self._spool
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.state.dir / "cache"
+
+    def key_material(self, tenant: str) -> tuple[str, bytes]:
+        if tenant not in self.config.tenants:
+            raise ConfigError(f"no tenant {tenant!r}", key="tenants")
+        return self.config.tenants[tenant].key.material(tenant)
+
+    async def open_repo(self, tenant: str, site: str | None = None) -> Repository:
+        names = self.config.tenant_sites(tenant)
+        if site is not None:
+            names = [site, *[n for n in names if n != site]]
+        kind, secret = self.key_material(tenant)
+        return await Repository.open(tenant, [self.store(n) for n in names], kind, secret)
+
+    # -- operations -------------------------------------------------------------------------------
+    async def init_tenant(self, tenant: str, scrypt: ScryptParams | None = None) -> list[str]:
+        """Create the tenant's repository on every site its sources use; sites that have it are kept."""
+        tc = self.config.tenants.get(tenant)
+        if tc is None:
+            raise ConfigError(f"no tenant {tenant!r}", key="tenants")
+        sites = [self.store(n) for n in self.config.tenant_sites(tenant)]
+        if not sites:
+            raise ConfigError(f"no source of tenant {tenant!r} names a site", key="sources")
+        kind, secret = self.key_material(tenant)
+        existing = None
+        for s in sites:
+            try:
+                keys, _params, body, slots = await unlock_repository(s, tenant, kind, secret)
+                existing = (keys, body, slots)
+                break
+            except RepositoryNotFound:
+                continue
+        params = RepoParams(
+            suite=Suite(tc.suite), chunk_min=tc.chunker.min_size, chunk_avg=tc.chunker.avg_size,
+            chunk_max=tc.chunker.max_size, pack_size=tc.pack_size, compression_level=tc.compression_level,
+        )
+        await init_repository(sites, tenant, kind, secret, params, scrypt or ScryptParams(), existing=existing)
+        return [s.name for s in sites]
+
+    async def snapshot(
+        self, source: str, progress: Callable[[snapshot.Stats], None] | None = None
+    ) -> SnapshotOutcome:
+        """Take a snapshot into the spool while shipping to every site; report its protection."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sc = self.config.source(source)
+        stores = [self.store(n) for n in sc.sites]
+        repo = await self.open_repo(sc.tenant)
+        done = asyncio.Event()
+        shipping = asyncio.ensure_future(replicator.replicate(self.spool, stores, done=done))
+        try:
+            result = await snapshot.take_snapshot(
+                source, sc, repo, self.spool, stores, self.cache_dir, self.pool, progress
+            )
+        finally:
+            done.set()
+        reports = await shipping
+        if any(r.error for r in reports):  # one more pass: a transient failure may have cleared
+            again = await replicator.replicate(self.spool, [s for s, r in zip(stores, reports, strict=True)
+                                                            if r.error])
+            for r in again:
+                for old in reports:
+                    if old.site == r.site:
+                        old.shipped += r.shipped
+                        old.error = r.error
+        prot = await asyncio.to_thread(replicator.protection, self.spool, result.key, sc.sites, sc.min_copies)
+        return SnapshotOutcome(result, prot, reports, loop.time() - started)
+
+    async def snapshots(self, source: str, site: str | None = None) -> tuple[list[SnapshotRecord], dict[str, set[str]]]:
+        """The source's snapshots, and for each snapshot id the sites holding its record."""
+        sc = self.config.source(source)
+        repo = await self.open_repo(sc.tenant, site)
+        records = await repo.snapshots(source)
+        holders: dict[str, set[str]] = {r.id: set() for r in records}
+        tag = repo.keys.source_tag(source)
+        from drsvc.core.layout import Kind
+
+        for name in sc.sites:
+            try:
+                for h in await repo.list_handles(Kind.SNAPSHOT, tag, store=self.store(name)):
+                    holders.setdefault(h.name, set()).add(name)
+            except Exception:  # an unreachable site holds nothing we can show
+                continue
+        return records, holders
+
+    async def restore(
+        self, source: str, target: Path, at_ns: int | None, site: str | None = None,
+        progress: Callable[[restore.Progress], None] | None = None,
+    ) -> restore.RestoreResult:
+        sc = self.config.source(source)
+        if site is not None and site not in sc.sites:
+            raise ConfigError(f"site {site!r} is not in the copy policy of source {source!r}",
+                              key=f"sources.{source}.sites")
+        repo = await self.open_repo(sc.tenant, site)
+        if site is not None:
+            repo.stores = [self.store(site), *[self.store(n) for n in sc.sites if n != site]]
+        return await restore.restore_tree(repo, source, target, at_ns, progress)
+
+    async def repo_config(self, tenant: str, site: str) -> dict[str, object]:
+        body, _ = await read_config(self.store(site), tenant)
+        return body

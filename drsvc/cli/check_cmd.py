@@ -1,0 +1,39 @@
+"""drsvc check TENANT [--read-data] [--site NAME]: verify each site's copy of a tenant repository."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from drsvc.app import App
+from drsvc.check import check_site
+from drsvc.cli.main import EXIT_INTEGRITY
+from drsvc.cli.render import emit_json, out, size
+from drsvc.core.config import load_config
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("check", help="check a tenant repository at each site")
+    p.add_argument("tenant")
+    p.add_argument("--read-data", action="store_true", help="download and verify every pack")
+    p.add_argument("--site", action="append", help="check only this site (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run)
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    async with App(config) as app:
+        sites = args.site or config.tenant_sites(args.tenant)
+        repo = await app.open_repo(args.tenant, sites[0])
+        results = [await check_site(repo, app.store(s), args.read_data) for s in sites]
+    if args.json:
+        emit_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            state = "ok" if r.ok else f"{len(r.problems)} PROBLEMS"
+            out(f"site {r.site}: {state}: {r.snapshots} snapshots, {r.packs} packs, {r.blobs} blobs"
+                + (f", {size(r.bytes_read)} read and verified" if args.read_data else ""))
+            for p in r.problems[:200]:
+                out(f"  {p}")
+    return 0 if all(r.ok for r in results) else EXIT_INTEGRITY

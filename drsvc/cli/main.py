@@ -1,0 +1,68 @@
+"""The `drsvc` command: one module per verb, exceptions mapped to exit codes scripts can tell apart."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from drsvc.core.errors import (
+    ConfigError,
+    CryptoError,
+    DRError,
+    IntegrityError,
+    ReplicationError,
+    RestoreError,
+    TransientStoreError,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # bad arguments or config
+EXIT_INTEGRITY = 3  # check found problems, or data failed verification
+EXIT_NOT_PROTECTED = 4  # fewer than min_copies sites hold the result
+EXIT_KEY = 5  # wrong passphrase or key file
+EXIT_TEMPFAIL = 75  # a site is unreachable: try again later (sysexits EX_TEMPFAIL)
+
+
+def exit_code(exc: DRError) -> int:
+    for kind, code in ((ConfigError, EXIT_USAGE), (CryptoError, EXIT_KEY), (IntegrityError, EXIT_INTEGRITY),
+                       (ReplicationError, EXIT_NOT_PROTECTED), (TransientStoreError, EXIT_TEMPFAIL),
+                       (RestoreError, EXIT_FAILURE)):
+        if isinstance(exc, kind):
+            return code
+    return EXIT_FAILURE
+
+
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from drsvc.cli import check_cmd, config_cmd, init_cmd, ls_cmd, restore_cmd, snapshot_cmd
+
+    p = argparse.ArgumentParser(prog="drsvc", description="Cross-site disaster-recovery replication")
+    p.add_argument("-c", "--config", default=os.environ.get("DRSVC_CONFIG", "/etc/drsvc/drsvc.toml"),
+                   help="config file (default: $DRSVC_CONFIG or /etc/drsvc/drsvc.toml)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for mod in (init_cmd, snapshot_cmd, ls_cmd, restore_cmd, check_cmd, config_cmd):
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return asyncio.run(handler(args))
+    except DRError as exc:
+        print(f"drsvc {args.verb}: error: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

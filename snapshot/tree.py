@@ -1,0 +1,391 @@
+"""The `tree` source: a directory tree, snapshotted into trees and chunks.
+
+See ``snapshot/__init__.py`` for the algorithm. The event loop only walks and schedules; reading, chunking,
+hashing, compressing and sealing run in the worker pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from drsvc.core import crypto, format
+from drsvc.core.config import SourceConfig
+from drsvc.core.crypto import BlobType, ObjectType
+from drsvc.core.errors import SnapshotError
+from drsvc.core.format import Node, SnapshotRecord
+from drsvc.core.layout import Handle, Kind
+from drsvc.core.repository import Repository, new_id, now_ns
+from drsvc.core.spool import Spool
+from snapshot.chunker import ChunkParams, Chunker
+from snapshot.dedup import DedupIndex
+from snapshot.packer import Packer
+
+T = TypeVar("T")
+
+SMALL_FILE = 256 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_FILES = 64
+INDEX_BLOBS_PER_OBJECT = 100_000
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    files_read: int = 0
+    files_unchanged: int = 0
+    bytes_total: int = 0
+    bytes_read: int = 0
+    blobs_new: int = 0
+    bytes_stored: int = 0
+    changed_while_read: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SnapshotResult:
+    record: SnapshotRecord
+    key: str  # the snapshot record's store key
+    sealed: bytes  # the sealed record, as spooled
+    stats: Stats
+    warnings: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[Stats], None]
+
+
+@dataclass
+class _FileJob:
+    path: str
+    rel: str
+    st: os.stat_result
+    page: bool
+
+
+@dataclass
+class _FileOut:
+    content: tuple[bytes, ...] = ()
+    st: os.stat_result | None = None
+    changed: bool = False
+    error: str = ""
+    bytes_read: int = 0
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino)
+
+
+class TreeSnapshot:
+    """One snapshot of one tree source. Create, ``await run()``, read the result."""
+
+    def __init__(
+        self,
+        source: str,
+        config: SourceConfig,
+        repo: Repository,
+        spool: Spool,
+        dedup: DedupIndex,
+        pool: ThreadPoolExecutor,
+        parent: SnapshotRecord | None = None,
+        parent_trees: Callable[[bytes], Awaitable[list[Node]]] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.repo = repo
+        self.spool = spool
+        self.dedup = dedup
+        self.pool = pool
+        self.parent = parent
+        self.parent_trees = parent_trees
+        self.progress = progress
+        self.stats = Stats()
+        self.warnings: list[str] = []
+        self.id_fn = repo.keys.content_id_function()
+        p = repo.params
+        self.chunk_params = ChunkParams(p.chunk_min, p.chunk_avg, p.chunk_max, repo.keys.chunker_seed)
+        self.sites = list(config.sites)
+        self.packer = Packer(repo.keys, repo.layout, spool, self.sites, p.pack_size, p.compression_level)
+        self._chunkers: dict[int, Chunker] = {}
+        self._jobs = asyncio.Semaphore(max(2, (pool._max_workers or 2) * 2))
+        self._dirs = asyncio.Semaphore(8)
+        self._root_dev = 0
+        self.trees: dict[bytes, bytes] = {}  # tree id -> encoded tree, for the local parent cache
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args))
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    # -- entry point ------------------------------------------------------------------------------
+    async def run(self) -> SnapshotResult:
+        root = str(self.config.path)
+        started = now_ns()
+        try:
+            st = await asyncio.to_thread(os.stat, root)
+        except OSError as exc:
+            raise SnapshotError(f"cannot read the source's path: {exc.strerror}", source=self.source,
+                                path=root, hint="check sources.<name>.path and the daemon's permissions") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise SnapshotError("the source's path is not a directory", source=self.source, path=root)
+        self._root_dev = st.st_dev
+        parent_root = await self._parent_nodes(self.parent.tree) if self.parent else None
+        root_id = await self._dir(root, "", parent_root)
+        await self._run(self.packer.flush)
+        index_names = await self._run(self._write_indexes)
+        self.stats.blobs_new = self.packer.blobs_written
+        self.stats.bytes_stored = self.packer.bytes_written
+        record = SnapshotRecord(
+            id=new_id(), tenant=self.repo.tenant, source=self.source, time_ns=started, tree=root_id,
+            parent=self.parent.id if self.parent else None, host=socket.gethostname(), finished_ns=now_ns(),
+            partial=self.stats.errors > 0, warnings=tuple(self.warnings[:1000]), stats=self.stats.as_dict(),
+            index=tuple(index_names),
+        )
+        h = Handle(Kind.SNAPSHOT, record.id, self.repo.keys.source_tag(self.source))
+        key = self.repo.layout.key(h)
+        sealed = crypto.seal_object(self.repo.keys, ObjectType.SNAPSHOT, record.id, format.encode_snapshot(record))
+        await self._run(self.spool.put, key, sealed, self.repo.tenant, self.sites, True)
+        return SnapshotResult(record, key, sealed, self.stats, self.warnings)
+
+    def _write_indexes(self) -> list[str]:
+        names = []
+        packs = self.packer.packs
+        batch: list[format.PackIndex] = []
+        count = 0
+        for p in [*packs, None]:
+            if p is not None:
+                batch.append(p)
+                count += len(p.blobs)
+            if batch and (p is None or count >= INDEX_BLOBS_PER_OBJECT):
+                name = new_id()
+                sealed = crypto.seal_object(self.repo.keys, ObjectType.INDEX, name, format.encode_index(batch))
+                self.spool.put(self.repo.layout.key(Handle(Kind.INDEX, name)), sealed, self.repo.tenant,
+                               self.sites, barrier=True)
+                names.append(name)
+                batch, count = [], 0
+        return names
+
+    async def _parent_nodes(self, tree_id: bytes | None) -> dict[bytes, Node] | None:
+        if tree_id is None or self.parent_trees is None:
+            return None
+        try:
+            return {n.name: n for n in await self.parent_trees(tree_id)}
+        except Exception as exc:  # a damaged parent costs speed, never correctness
+            self.warn(f"parent tree {tree_id.hex()[:16]} unreadable ({exc}); reading files again")
+            return None
+
+    # -- directories ------------------------------------------------------------------------------
+    async def _dir(self, path: str, rel: str, parent: dict[bytes, Node] | None) -> bytes:
+        async with self._dirs:
+            entries, err = await self._run(_scan, path)
+        if err:
+            self.warn(f"{rel or '.'}: cannot list directory: {err}")
+            self.stats.errors += 1
+        self.stats.dirs += 1
+        nodes: list[Node] = []
+        jobs: list[_FileJob] = []
+        subdirs: list[tuple[bytes, str, os.stat_result]] = []
+        for name, st in entries:
+            child_rel = f"{rel}/{os.fsdecode(name)}" if rel else os.fsdecode(name)
+            if self.config.is_excluded(child_rel):
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                if self.config.one_file_system and st.st_dev != self._root_dev:
+                    self.warn(f"{child_rel}: another file system, skipped (one_file_system)")
+                    continue
+                subdirs.append((name, child_rel, st))
+            elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(os.path.join(os.fsencode(path), name))
+                except OSError as exc:
+                    self._error(child_rel, f"cannot read link: {exc.strerror}")
+                    continue
+                self.stats.symlinks += 1
+                nodes.append(_node(name, st, format.SYMLINK, target=os.fsencode(target)))
+            elif stat.S_ISREG(mode):
+                self.stats.files += 1
+                self.stats.bytes_total += st.st_size
+                prev = parent.get(name) if parent else None
+                if prev is not None and prev.kind == format.FILE and not prev.changed and _unchanged(prev, st):
+                    self.stats.files_unchanged += 1
+                    nodes.append(prev)
+                else:
+                    full = os.path.join(path, os.fsdecode(name))
+                    jobs.append(_FileJob(full, child_rel, st, self.config.is_page_file(child_rel)))
+            else:
+                self.warn(f"{child_rel}: special file (device, fifo or socket) skipped")
+
+        async def subdir(name: bytes, child_rel: str, st: os.stat_result) -> Node:
+            prev = parent.get(name) if parent else None
+            sub_parent = await self._parent_nodes(prev.subtree) if prev and prev.kind == format.DIR else None
+            sub_id = await self._dir(os.path.join(path, os.fsdecode(name)), child_rel, sub_parent)
+            return _node(name, st, format.DIR, subtree=sub_id)
+
+        results = await asyncio.gather(
+            *(self._files(batch) for batch in _batches(jobs)),
+            *(subdir(*s) for s in subdirs),
+        )
+        for r in results:
+            if isinstance(r, Node):
+                nodes.append(r)
+            else:
+                nodes.extend(r)
+        if self.progress:
+            self.progress(self.stats)
+        return await self._run(self._store_tree, nodes)
+
+    def _store_tree(self, nodes: list[Node]) -> bytes:
+        data = format.encode_tree(nodes)
+        tid = self.id_fn(data)
+        self.trees[tid] = data
+        if self.dedup.claim(tid):
+            self.packer.add(BlobType.TREE, tid, data)
+        return tid
+
+    # -- files ------------------------------------------------------------------------------------
+    async def _files(self, batch: list[_FileJob]) -> list[Node]:
+        async with self._jobs:
+            outs = await self._run(self._read_batch, batch)
+        nodes = []
+        for job, out in zip(batch, outs, strict=True):
+            if out.error:
+                self._error(job.rel, out.error)
+                continue
+            assert out.st is not None
+            self.stats.files_read += 1
+            self.stats.bytes_read += out.bytes_read
+            if out.changed:
+                self.stats.changed_while_read += 1
+                self.warn(f"{job.rel}: changed while it was read, twice; stored as read and marked changed")
+            name = os.fsencode(os.path.basename(job.path))
+            nodes.append(_node(name, out.st, format.FILE, content=out.content, changed=out.changed))
+        return nodes
+
+    def _error(self, rel: str, msg: str) -> None:
+        self.stats.errors += 1
+        self.warn(f"{rel}: {msg}; left out of the snapshot")
+
+    def _chunker(self) -> Chunker:
+        import threading
+
+        tid = threading.get_ident()
+        c = self._chunkers.get(tid)
+        if c is None:
+            c = self._chunkers[tid] = Chunker(self.chunk_params)
+        return c
+
+    def _read_batch(self, batch: list[_FileJob]) -> list[_FileOut]:
+        return [self._read_file(job) for job in batch]
+
+    def _read_file(self, job: _FileJob) -> _FileOut:
+        """Chunk and store one file; read it again once if it changed meanwhile."""
+        out = _FileOut()
+        for _attempt in range(2):
+            out = self._read_once(job)
+            if out.error or not out.changed:
+                return out
+        return out
+
+    def _read_once(self, job: _FileJob) -> _FileOut:
+        try:
+            fd = _open_nofollow(job.path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return _FileOut(error="replaced by a symlink while scanning")
+            return _FileOut(error=f"cannot open: {exc.strerror}")
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                return _FileOut(error="no longer a regular file")
+            ids: list[bytes] = []
+            total = 0
+            with io.FileIO(fd, "rb", closefd=False) as f:
+                chunks = (self._chunker().fixed(f, self.config.page_size) if job.page
+                          else self._chunker().cdc(f))
+                for data in chunks:
+                    cid = self.id_fn(data)
+                    ids.append(cid)
+                    total += len(data)
+                    if self.dedup.claim(cid):
+                        self.packer.add(BlobType.DATA, cid, data)
+            after = os.fstat(fd)
+        except OSError as exc:
+            return _FileOut(error=f"read failed: {exc.strerror}")
+        finally:
+            os.close(fd)
+        changed = not _same(before, after) or total != after.st_size
+        return _FileOut(tuple(ids), after, changed, "", total)
+
+
+def _open_nofollow(path: str) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
+    try:
+        return os.open(path, flags)
+    except PermissionError:
+        if flags & getattr(os, "O_NOATIME", 0):  # O_NOATIME needs ownership; try without it
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        raise
+
+
+def _scan(path: str) -> tuple[list[tuple[bytes, os.stat_result]], str]:
+    out = []
+    try:
+        with os.scandir(os.fsencode(path)) as it:
+            for e in it:
+                try:
+                    out.append((e.name, e.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue  # removed while scanning
+    except OSError as exc:
+        return out, exc.strerror or str(exc)
+    return out, ""
+
+
+def _unchanged(prev: Node, st: os.stat_result) -> bool:
+    return (prev.size, prev.mtime_ns, prev.ctime_ns, prev.inode) == (
+        st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _node(name: bytes, st: os.stat_result, kind: str, *, content: Sequence[bytes] = (), subtree: bytes = b"",
+          target: bytes = b"", changed: bool = False) -> Node:
+    return Node(
+        name=name, kind=kind, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns, uid=st.st_uid, gid=st.st_gid,
+        size=st.st_size if kind == format.FILE else 0, inode=st.st_ino if kind == format.FILE else 0,
+        ctime_ns=st.st_ctime_ns if kind == format.FILE else 0, content=tuple(content), subtree=subtree,
+        target=target, changed=changed,
+    )
+
+
+def _batches(jobs: list[_FileJob]) -> list[list[_FileJob]]:
+    """Small files travel in batches (one pool round trip each); large files alone."""
+    out: list[list[_FileJob]] = []
+    cur: list[_FileJob] = []
+    size = 0
+    for j in jobs:
+        if j.st.st_size >= SMALL_FILE:
+            out.append([j])
+            continue
+        cur.append(j)
+        size += j.st.st_size
+        if len(cur) >= BATCH_FILES or size >= BATCH_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
