@@ -13,7 +13,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from drsvc.core.errors import ConfigError
 
@@ -38,15 +47,17 @@ _UNITS = {
 
 
 def parse_size(value: int | str) -> int:
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, str):  # pydantic reports only ValueError as a validation error
+        raise ValueError(f"not a size: {value!r} (write e.g. 8MiB, 500MB or 1048576)")
     m = _SIZE.match(value)
     if not m or (m.group(2) or "").lower() not in _UNITS:
         raise ValueError(f"not a size: {value!r} (write e.g. 8MiB, 500MB or 1048576)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
-Size = Annotated[int, Field(ge=0)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]  # 8MiB, 500MB or 1048576
 
 
 class _Model(BaseModel):
@@ -153,6 +164,13 @@ class S3SiteConfig(_Model):
     timeout: float = Field(default=30.0, gt=0)
     create_bucket: bool = False
 
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v):
+            raise ValueError("bucket names are 3-63 characters: lowercase letters, digits, dots and hyphens")
+        return v
+
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
@@ -175,13 +193,21 @@ class SourceConfig(_Model):
     page_size: Size = 8192
     one_file_system: bool = True
 
-    @model_validator(mode="after")
-    def _copies(self) -> SourceConfig:
-        if len(set(self.sites)) != len(self.sites):
+    # field validators, not a model validator, so that the error names the key (sources.<name>.min_copies)
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
             raise ValueError("sites lists a site twice")
-        if self.min_copies > len(self.sites):
-            raise ValueError(f"min_copies = {self.min_copies} but only {len(self.sites)} sites are listed")
-        return self
+        return v
+
+    @field_validator("min_copies")
+    @classmethod
+    def _copies(cls, v: int, info: ValidationInfo) -> int:
+        sites = info.data.get("sites")
+        if sites is not None and v > len(sites):
+            raise ValueError(f"min_copies = {v} but only {len(sites)} sites are listed")
+        return v
 
     def is_excluded(self, rel: str) -> bool:
         base = rel.rsplit("/", 1)[-1]
@@ -265,9 +291,10 @@ def parse_config(data: dict[str, Any], base: Path | None = None, path: Path | No
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _KeyError):
             raise ConfigError(str(ctx_err), key=ctx_err.key) from None
-        key = ".".join(
-            str(p) for p in err["loc"] if not str(p).endswith("SiteConfig") and p not in ("local", "s3")
-        )
+        loc = list(err["loc"])
+        if len(loc) > 2 and loc[0] == "sites" and loc[2] in ("local", "s3"):
+            del loc[2]  # the union's tag, not a key (a site may itself be named "local" or "s3")
+        key = ".".join(str(p) for p in loc if not str(p).endswith("SiteConfig"))
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{msg}{more}", key=key or "(top level)") from None

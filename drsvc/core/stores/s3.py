@@ -98,7 +98,8 @@ class S3Store:
         if exc.code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientStoreError(f"{what}: {exc.code}: {exc.message}", site=self.name, key=key)
         if exc.code == "NoSuchBucket":
-            return StoreError(
+            cls = ObjectNotFound if what in ("get", "stat") else StoreError  # no bucket holds no objects
+            return cls(
                 f"{what}: bucket {self.bucket!r} does not exist",
                 site=self.name,
                 key=key,
