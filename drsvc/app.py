@@ -21,7 +21,7 @@ from drsvc.core.config import Config
 from drsvc.core.crypto import ScryptParams, Suite
 from drsvc.core.errors import ConfigError, RepositoryNotFound
 from drsvc.core.format import SnapshotRecord
-from drsvc.core.repository import Repository, RepoParams, init_repository, read_config, unlock_repository
+from drsvc.core.repository import RepoParams, Repository, init_repository, read_config, unlock_repository
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.compose import open_site
@@ -45,7 +45,9 @@ class App:
     async def __aenter__(self) -> App:
         return self
 
-    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -105,10 +107,16 @@ class App:
             except RepositoryNotFound:
                 continue
         params = RepoParams(
-            suite=Suite(tc.suite), chunk_min=tc.chunker.min_size, chunk_avg=tc.chunker.avg_size,
-            chunk_max=tc.chunker.max_size, pack_size=tc.pack_size, compression_level=tc.compression_level,
+            suite=Suite(tc.suite),
+            chunk_min=tc.chunker.min_size,
+            chunk_avg=tc.chunker.avg_size,
+            chunk_max=tc.chunker.max_size,
+            pack_size=tc.pack_size,
+            compression_level=tc.compression_level,
         )
-        await init_repository(sites, tenant, kind, secret, params, scrypt or ScryptParams(), existing=existing)
+        await init_repository(
+            sites, tenant, kind, secret, params, scrypt or ScryptParams(), existing=existing
+        )
         return [s.name for s in sites]
 
     async def snapshot(
@@ -130,8 +138,9 @@ class App:
             done.set()
         reports = await shipping
         if any(r.error for r in reports):  # one more pass: a transient failure may have cleared
-            again = await replicator.replicate(self.spool, [s for s, r in zip(stores, reports, strict=True)
-                                                            if r.error])
+            again = await replicator.replicate(
+                self.spool, [s for s, r in zip(stores, reports, strict=True) if r.error]
+            )
             for r in again:
                 for old in reports:
                     if old.site == r.site:
@@ -140,7 +149,9 @@ class App:
         prot = await asyncio.to_thread(replicator.protection, self.spool, result.key, sc.sites, sc.min_copies)
         return SnapshotOutcome(result, prot, reports, loop.time() - started)
 
-    async def snapshots(self, source: str, site: str | None = None) -> tuple[list[SnapshotRecord], dict[str, set[str]]]:
+    async def snapshots(
+        self, source: str, site: str | None = None
+    ) -> tuple[list[SnapshotRecord], dict[str, set[str]]]:
         """The source's snapshots, and for each snapshot id the sites holding its record."""
         sc = self.config.source(source)
         repo = await self.open_repo(sc.tenant, site)
@@ -158,13 +169,18 @@ class App:
         return records, holders
 
     async def restore(
-        self, source: str, target: Path, at_ns: int | None, site: str | None = None,
+        self,
+        source: str,
+        target: Path,
+        at_ns: int | None,
+        site: str | None = None,
         progress: Callable[[restore.Progress], None] | None = None,
     ) -> restore.RestoreResult:
         sc = self.config.source(source)
         if site is not None and site not in sc.sites:
-            raise ConfigError(f"site {site!r} is not in the copy policy of source {source!r}",
-                              key=f"sources.{source}.sites")
+            raise ConfigError(
+                f"site {site!r} is not in the copy policy of source {source!r}", key=f"sources.{source}.sites"
+            )
         repo = await self.open_repo(sc.tenant, site)
         if site is not None:
             repo.stores = [self.store(site), *[self.store(n) for n in sc.sites if n != site]]

@@ -35,8 +35,12 @@ class SiteCheck:
         return not self.problems
 
 
-async def check_site(repo_for_site: Repository, store: ReadStore, read_data: bool,
-                     progress: Callable[[str], None] | None = None) -> SiteCheck:
+async def check_site(
+    repo_for_site: Repository,
+    store: ReadStore,
+    read_data: bool,
+    progress: Callable[[str], None] | None = None,
+) -> SiteCheck:
     repo = Repository(repo_for_site.tenant, repo_for_site.keys, repo_for_site.params, [store])
     res = SiteCheck(store.name)
     try:
@@ -74,7 +78,9 @@ async def check_site(repo_for_site: Repository, store: ReadStore, read_data: boo
             try:
                 nodes = await repo.read_tree(tid)
             except DRError as exc:
-                res.problems.append(f"snapshot {rec.id[:16]}: tree {tid.hex()[:16]} unreadable: {exc.message}")
+                res.problems.append(
+                    f"snapshot {rec.id[:16]}: tree {tid.hex()[:16]} unreadable: {exc.message}"
+                )
                 continue
             for n in nodes:
                 if n.kind == format.DIR:
@@ -98,7 +104,9 @@ async def check_site(repo_for_site: Repository, store: ReadStore, read_data: boo
                 try:
                     await asyncio.to_thread(_verify_pack, repo, pack, data, entries)
                 except DRError as exc:
-                    res.problems.append(f"pack data/{pack}: {exc.message} {exc.fields.get('blob', '')}".rstrip())
+                    res.problems.append(
+                        f"pack data/{pack}: {exc.message} {exc.fields.get('blob', '')}".rstrip()
+                    )
             if progress:
                 progress(pack)
 

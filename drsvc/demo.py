@@ -50,7 +50,9 @@ def make_sample(root: Path) -> None:
         sub = root / f"dept-{d}" / "records"
         sub.mkdir(parents=True, exist_ok=True)
         for i in range(40):
-            text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(rng.randint(5, 200)))
+            text = "\n".join(
+                " ".join(rng.choice(words) for _ in range(12)) for _ in range(rng.randint(5, 200))
+            )
             (sub / f"record-{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
     (root / "db").mkdir(exist_ok=True)
     (root / "db" / "ledger.db").write_bytes(b"".join(rng.randbytes(64) * 128 for _ in range(256)))
@@ -81,19 +83,25 @@ async def demo(root: Path) -> int:
         print(f"repository of tenant 'demo' on sites: {', '.join(sites)}")
         o = await app.snapshot("sample")
         s = o.result.stats
-        print(f"snapshot {o.result.record.id[:16]}: {s.files} files, {s.bytes_total} bytes, "
-              f"{s.blobs_new} new blobs; protected on {', '.join(o.protection.holding)} "
-              f"({'yes' if o.protection.protected else 'NO'}) in {o.seconds:.2f}s")
+        print(
+            f"snapshot {o.result.record.id[:16]}: {s.files} files, {s.bytes_total} bytes, "
+            f"{s.blobs_new} new blobs; protected on {', '.join(o.protection.holding)} "
+            f"({'yes' if o.protection.protected else 'NO'}) in {o.seconds:.2f}s"
+        )
         target = root / "restored"
         shutil.rmtree(target, ignore_errors=True)
         r = await app.restore("sample", target, None, site="local-b")
-        print(f"restored {r.files} files, {r.bytes} bytes from site {r.site} in {r.seconds:.2f}s, "
-              f"every blob verified")
+        print(
+            f"restored {r.files} files, {r.bytes} bytes from site {r.site} in {r.seconds:.2f}s, "
+            f"every blob verified"
+        )
     ok = same_tree(root / "sample", target)
     print(f"restored tree equals the source: {ok}")
-    print(f"\nTry it yourself:\n  .venv/bin/drsvc -c {cfg_path} ls sample\n"
-          f"  .venv/bin/drsvc -c {cfg_path} check demo --read-data\n"
-          f"  .venv/bin/drsvc -c {cfg_path} restore sample --at latest --to {root}/restored-2")
+    print(
+        f"\nTry it yourself:\n  .venv/bin/drsvc -c {cfg_path} ls sample\n"
+        f"  .venv/bin/drsvc -c {cfg_path} check demo --read-data\n"
+        f"  .venv/bin/drsvc -c {cfg_path} restore sample --at latest --to {root}/restored-2"
+    )
     return 0 if ok else 1
 
 

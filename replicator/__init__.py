@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from drsvc.core.errors import ReplicationError
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
-from replicator.shipper import ShipReport, Shipper
+from replicator.shipper import Shipper, ShipReport
 
 __all__ = ["Protection", "ShipReport", "Shipper", "protection", "replicate"]
 
@@ -58,6 +58,8 @@ def require_protected(p: Protection, reports: Sequence[ShipReport], source: str)
     errors = {r.site: r.error for r in reports if r.error}
     detail = "; ".join(f"{site}: {errors.get(site, 'not acknowledged')}" for site in p.lacking)
     raise ReplicationError(
-        f"snapshot reached {len(p.holding)} of the {p.min_copies} sites required (min_copies); failed: {detail}",
-        source=source, holding=",".join(p.holding) or "none",
+        f"snapshot reached {len(p.holding)} of the {p.min_copies} sites required (min_copies); "
+        f"failed: {detail}",
+        source=source,
+        holding=",".join(p.holding) or "none",
     )

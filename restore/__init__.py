@@ -62,13 +62,18 @@ class RestoreResult:
 
 def _check_target(target: Path) -> None:
     if target.is_symlink():
-        raise RestoreError("the restore target is a symlink", path=str(target), hint="give a real directory path")
+        raise RestoreError(
+            "the restore target is a symlink", path=str(target), hint="give a real directory path"
+        )
     if target.exists():
         if not target.is_dir():
             raise RestoreError("the restore target exists and is not a directory", path=str(target))
         if any(target.iterdir()):
-            raise RestoreError("the restore target is not empty", path=str(target),
-                               hint="restore into a new or empty directory; nothing was written")
+            raise RestoreError(
+                "the restore target is not empty",
+                path=str(target),
+                hint="restore into a new or empty directory; nothing was written",
+            )
     if not target.parent.is_dir():
         raise RestoreError("the target's parent directory does not exist", path=str(target.parent))
 
@@ -82,7 +87,7 @@ async def restore_tree(
     concurrency: int = 4,
 ) -> RestoreResult:
     started = time.monotonic()
-    target = Path(os.path.abspath(target))
+    target = await asyncio.to_thread(target.absolute)
     await asyncio.to_thread(_check_target, target)
     record = choose_snapshot(await repo.snapshots(source), at_ns, source)
     plan = await build_plan(repo, record)
@@ -97,9 +102,17 @@ async def restore_tree(
         await asyncio.to_thread(shutil.rmtree, staging, True)
         raise
     return RestoreResult(
-        source=source, snapshot=record, target=str(target), site=repo.stores[0].name, requested_ns=at_ns,
-        files=len(plan.files), dirs=len(plan.dirs) - 1, symlinks=len(plan.symlinks), bytes=plan.bytes,
-        seconds=time.monotonic() - started, fallbacks=list(repo.report.fallbacks),
+        source=source,
+        snapshot=record,
+        target=str(target),
+        site=repo.stores[0].name,
+        requested_ns=at_ns,
+        files=len(plan.files),
+        dirs=len(plan.dirs) - 1,
+        symlinks=len(plan.symlinks),
+        bytes=plan.total_bytes,
+        seconds=time.monotonic() - started,
+        fallbacks=list(repo.report.fallbacks),
         bytes_fetched=repo.report.bytes_fetched,
     )
 
@@ -109,7 +122,9 @@ def _create_skeleton(staging: str, plan: Plan) -> None:
         if rel:
             os.mkdir(os.path.join(staging, rel), 0o700)
     for f in plan.files:
-        fd = os.open(os.path.join(staging, f.rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = os.open(
+            os.path.join(staging, f.rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+        )
         try:
             if f.node.size:
                 os.ftruncate(fd, f.node.size)

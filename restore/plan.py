@@ -14,12 +14,18 @@ from drsvc.core.repository import Repository
 def choose_snapshot(records: list[SnapshotRecord], at_ns: int | None, source: str) -> SnapshotRecord:
     """The newest snapshot at or before `at_ns` (None: the latest)."""
     if not records:
-        raise RestoreError("the source has no snapshots at this site", source=source,
-                           hint="check the source name, or try another site with --site")
+        raise RestoreError(
+            "the source has no snapshots at this site",
+            source=source,
+            hint="check the source name, or try another site with --site",
+        )
     eligible = [r for r in records if at_ns is None or r.time_ns <= at_ns]
     if not eligible:
-        raise RestoreError("no snapshot at or before the requested time", source=source,
-                           hint="`drsvc ls` shows the restorable range")
+        raise RestoreError(
+            "no snapshot at or before the requested time",
+            source=source,
+            hint="`drsvc ls` shows the restorable range",
+        )
     return max(eligible, key=lambda r: (r.time_ns, r.id))
 
 
@@ -44,7 +50,7 @@ class Plan:
     dirs: list[tuple[str, Node | None]] = field(default_factory=list)  # parents before children
     files: list[FilePlan] = field(default_factory=list)
     symlinks: list[tuple[str, Node]] = field(default_factory=list)
-    bytes: int = 0
+    total_bytes: int = 0
 
     @property
     def blobs(self) -> set[bytes]:
@@ -74,7 +80,7 @@ async def build_plan(repo: Repository, record: SnapshotRecord) -> Plan:
                 subdirs.append(walk(n.subtree, child, depth + 1))
             elif n.kind == format.FILE:
                 plan.files.append(FilePlan(child, n))
-                plan.bytes += n.size
+                plan.total_bytes += n.size
             elif n.kind == format.SYMLINK:
                 plan.symlinks.append((child, n))
         await asyncio.gather(*subdirs)

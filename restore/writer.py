@@ -50,7 +50,11 @@ def _ranges(needed: dict[bytes, BlobLocation]) -> list[_Range]:
         cur: _Range | None = None
         for bid, loc in blobs:
             e = loc.entry
-            if cur is not None and e.offset - cur.end <= RANGE_GAP and e.offset + e.length - cur.start <= RANGE_MAX:
+            if (
+                cur is not None
+                and e.offset - cur.end <= RANGE_GAP
+                and e.offset + e.length - cur.start <= RANGE_MAX
+            ):
                 cur.end = e.offset + e.length
                 cur.blobs.append((bid, loc))
             else:
@@ -60,14 +64,20 @@ def _ranges(needed: dict[bytes, BlobLocation]) -> list[_Range]:
 
 
 class BlobWriter:
-    def __init__(self, repo: Repository, plan: Plan, staging: str, concurrency: int = 4,
-                 progress: Callable[[Progress], None] | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        plan: Plan,
+        staging: str,
+        concurrency: int = 4,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> None:
         self.repo = repo
         self.plan = plan
         self.staging = staging
         self.concurrency = concurrency
         self.on_progress = progress
-        self.progress = Progress(files_total=len(plan.files), bytes_total=plan.bytes)
+        self.progress = Progress(files_total=len(plan.files), bytes_total=plan.total_bytes)
         # blob id -> [(path, offset)]
         self.targets: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
         self._remaining: dict[str, int] = {}
@@ -92,8 +102,9 @@ class BlobWriter:
 
         async def one(r: _Range) -> None:
             async with sem:
-                blobs = await self.repo.fetch(Handle(Kind.PACK, r.pack), lambda data: self._open(r, data),
-                                              r.start, r.end - r.start)
+                blobs = await self.repo.fetch(
+                    Handle(Kind.PACK, r.pack), lambda data: self._open(r, data), r.start, r.end - r.start
+                )
                 await asyncio.to_thread(self._write, blobs)
 
         await asyncio.gather(*(one(r) for r in _ranges(needed)))
@@ -103,7 +114,9 @@ class BlobWriter:
         out = []
         for bid, loc in r.blobs:
             e = loc.entry
-            out.append((bid, self.repo.open_blob(loc, mv[e.offset - r.start : e.offset - r.start + e.length], bid)))
+            out.append(
+                (bid, self.repo.open_blob(loc, mv[e.offset - r.start : e.offset - r.start + e.length], bid))
+            )
         return out
 
     def _write(self, blobs: list[tuple[bytes, bytes]]) -> None:

@@ -48,10 +48,19 @@ async def take_snapshot(
     dedup, warnings = await DedupIndex.load(repo, sites, spool, tenant_cache / "index")
     parent = await find_parent(repo, source, sites, tenant_cache)
     snap = TreeSnapshot(
-        source, config, repo, spool, dedup, pool,
-        parent=parent.record if parent else None, parent_trees=parent, progress=progress,
+        source,
+        config,
+        repo,
+        spool,
+        dedup,
+        pool,
+        parent=parent.record if parent else None,
+        parent_trees=parent,
+        progress=progress,
     )
     snap.warnings.extend(warnings)
     result = await snap.run()
-    await asyncio.to_thread(save_parent, tenant_cache, repo, source, result.record.id, result.sealed, snap.trees)
+    await asyncio.to_thread(
+        save_parent, tenant_cache, repo, source, result.record.id, result.sealed, snap.trees
+    )
     return result

@@ -31,8 +31,9 @@ class Chunker:
     def __init__(self, params: ChunkParams, read_size: int = 4 * 1024 * 1024) -> None:
         self.params = params
         self.read_size = read_size
-        self._cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size,
-                            seed=params.seed)
+        self._cdc = FastCDC(
+            params.avg_size, min_size=params.min_size, max_size=params.max_size, seed=params.seed
+        )
 
     def cdc(self, f: io.RawIOBase) -> Iterator[memoryview]:
         """Content-defined chunks; each view is valid only until the next one is taken."""

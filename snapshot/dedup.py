@@ -59,7 +59,7 @@ class DedupIndex:
             except StoreError as exc:
                 warnings.append(f"site {store.name} unreachable while loading the index: {exc.message}")
         common = set.intersection(*listed) if listed else set()
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
         site_names = {s.name for s in sites}
 
         async def from_site(name: str) -> None:
@@ -80,7 +80,9 @@ class DedupIndex:
                 await from_site(name)
 
         await asyncio.gather(*(limited(n) for n in common))
-        for key, targets in await asyncio.to_thread(spool.outbox.keys, repo.tenant, repo.layout.prefix(Kind.INDEX)):
+        for key, targets in await asyncio.to_thread(
+            spool.outbox.keys, repo.tenant, repo.layout.prefix(Kind.INDEX)
+        ):
             name = repo.layout.parse(key).name
             if name in common or not site_names <= set(targets):
                 continue

@@ -64,8 +64,14 @@ async def find_parent(
     return None
 
 
-def save_parent(cache_dir: Path, repo: Repository, source: str, record_id: str, sealed_record: bytes,
-                trees: dict[bytes, bytes]) -> None:
+def save_parent(
+    cache_dir: Path,
+    repo: Repository,
+    source: str,
+    record_id: str,
+    sealed_record: bytes,
+    trees: dict[bytes, bytes],
+) -> None:
     """Keep this snapshot's trees for the next incremental (blocking)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_path(cache_dir, repo, source)

@@ -15,7 +15,6 @@ import stat
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from drsvc.core import crypto, format
@@ -26,7 +25,7 @@ from drsvc.core.format import Node, SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import Repository, new_id, now_ns
 from drsvc.core.spool import Spool
-from snapshot.chunker import ChunkParams, Chunker
+from snapshot.chunker import Chunker, ChunkParams
 from snapshot.dedup import DedupIndex
 from snapshot.packer import Packer
 
@@ -86,7 +85,12 @@ class _FileOut:
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino)
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+        b.st_ino,
+    )
 
 
 class TreeSnapshot:
@@ -139,8 +143,12 @@ class TreeSnapshot:
         try:
             st = await asyncio.to_thread(os.stat, root)
         except OSError as exc:
-            raise SnapshotError(f"cannot read the source's path: {exc.strerror}", source=self.source,
-                                path=root, hint="check sources.<name>.path and the daemon's permissions") from None
+            raise SnapshotError(
+                f"cannot read the source's path: {exc.strerror}",
+                source=self.source,
+                path=root,
+                hint="check sources.<name>.path and the daemon's permissions",
+            ) from None
         if not stat.S_ISDIR(st.st_mode):
             raise SnapshotError("the source's path is not a directory", source=self.source, path=root)
         self._root_dev = st.st_dev
@@ -151,14 +159,24 @@ class TreeSnapshot:
         self.stats.blobs_new = self.packer.blobs_written
         self.stats.bytes_stored = self.packer.bytes_written
         record = SnapshotRecord(
-            id=new_id(), tenant=self.repo.tenant, source=self.source, time_ns=started, tree=root_id,
-            parent=self.parent.id if self.parent else None, host=socket.gethostname(), finished_ns=now_ns(),
-            partial=self.stats.errors > 0, warnings=tuple(self.warnings[:1000]), stats=self.stats.as_dict(),
+            id=new_id(),
+            tenant=self.repo.tenant,
+            source=self.source,
+            time_ns=started,
+            tree=root_id,
+            parent=self.parent.id if self.parent else None,
+            host=socket.gethostname(),
+            finished_ns=now_ns(),
+            partial=self.stats.errors > 0,
+            warnings=tuple(self.warnings[:1000]),
+            stats=self.stats.as_dict(),
             index=tuple(index_names),
         )
         h = Handle(Kind.SNAPSHOT, record.id, self.repo.keys.source_tag(self.source))
         key = self.repo.layout.key(h)
-        sealed = crypto.seal_object(self.repo.keys, ObjectType.SNAPSHOT, record.id, format.encode_snapshot(record))
+        sealed = crypto.seal_object(
+            self.repo.keys, ObjectType.SNAPSHOT, record.id, format.encode_snapshot(record)
+        )
         await self._run(self.spool.put, key, sealed, self.repo.tenant, self.sites, True)
         return SnapshotResult(record, key, sealed, self.stats, self.warnings)
 
@@ -173,9 +191,16 @@ class TreeSnapshot:
                 count += len(p.blobs)
             if batch and (p is None or count >= INDEX_BLOBS_PER_OBJECT):
                 name = new_id()
-                sealed = crypto.seal_object(self.repo.keys, ObjectType.INDEX, name, format.encode_index(batch))
-                self.spool.put(self.repo.layout.key(Handle(Kind.INDEX, name)), sealed, self.repo.tenant,
-                               self.sites, barrier=True)
+                sealed = crypto.seal_object(
+                    self.repo.keys, ObjectType.INDEX, name, format.encode_index(batch)
+                )
+                self.spool.put(
+                    self.repo.layout.key(Handle(Kind.INDEX, name)),
+                    sealed,
+                    self.repo.tenant,
+                    self.sites,
+                    barrier=True,
+                )
                 names.append(name)
                 batch, count = [], 0
         return names
@@ -222,7 +247,12 @@ class TreeSnapshot:
                 self.stats.files += 1
                 self.stats.bytes_total += st.st_size
                 prev = parent.get(name) if parent else None
-                if prev is not None and prev.kind == format.FILE and not prev.changed and _unchanged(prev, st):
+                if (
+                    prev is not None
+                    and prev.kind == format.FILE
+                    and not prev.changed
+                    and _unchanged(prev, st)
+                ):
                     self.stats.files_unchanged += 1
                     nodes.append(prev)
                 else:
@@ -245,7 +275,7 @@ class TreeSnapshot:
             if isinstance(r, Node):
                 nodes.append(r)
             else:
-                nodes.extend(r)
+                nodes.extend(r)  # type: ignore[arg-type]
         if self.progress:
             self.progress(self.stats)
         return await self._run(self._store_tree, nodes)
@@ -316,8 +346,9 @@ class TreeSnapshot:
             ids: list[bytes] = []
             total = 0
             with io.FileIO(fd, "rb", closefd=False) as f:
-                chunks = (self._chunker().fixed(f, self.config.page_size) if job.page
-                          else self._chunker().cdc(f))
+                chunks = (
+                    self._chunker().fixed(f, self.config.page_size) if job.page else self._chunker().cdc(f)
+                )
                 for data in chunks:
                     cid = self.id_fn(data)
                     ids.append(cid)
@@ -359,16 +390,37 @@ def _scan(path: str) -> tuple[list[tuple[bytes, os.stat_result]], str]:
 
 def _unchanged(prev: Node, st: os.stat_result) -> bool:
     return (prev.size, prev.mtime_ns, prev.ctime_ns, prev.inode) == (
-        st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+    )
 
 
-def _node(name: bytes, st: os.stat_result, kind: str, *, content: Sequence[bytes] = (), subtree: bytes = b"",
-          target: bytes = b"", changed: bool = False) -> Node:
+def _node(
+    name: bytes,
+    st: os.stat_result,
+    kind: str,
+    *,
+    content: Sequence[bytes] = (),
+    subtree: bytes = b"",
+    target: bytes = b"",
+    changed: bool = False,
+) -> Node:
     return Node(
-        name=name, kind=kind, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns, uid=st.st_uid, gid=st.st_gid,
-        size=st.st_size if kind == format.FILE else 0, inode=st.st_ino if kind == format.FILE else 0,
-        ctime_ns=st.st_ctime_ns if kind == format.FILE else 0, content=tuple(content), subtree=subtree,
-        target=target, changed=changed,
+        name=name,
+        kind=kind,
+        mode=stat.S_IMODE(st.st_mode),
+        mtime_ns=st.st_mtime_ns,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        size=st.st_size if kind == format.FILE else 0,
+        inode=st.st_ino if kind == format.FILE else 0,
+        ctime_ns=st.st_ctime_ns if kind == format.FILE else 0,
+        content=tuple(content),
+        subtree=subtree,
+        target=target,
+        changed=changed,
     )
 
 

@@ -32,8 +32,10 @@ async def run(args: argparse.Namespace) -> int:
     else:
         for r in results:
             state = "ok" if r.ok else f"{len(r.problems)} PROBLEMS"
-            out(f"site {r.site}: {state}: {r.snapshots} snapshots, {r.packs} packs, {r.blobs} blobs"
-                + (f", {size(r.bytes_read)} read and verified" if args.read_data else ""))
+            out(
+                f"site {r.site}: {state}: {r.snapshots} snapshots, {r.packs} packs, {r.blobs} blobs"
+                + (f", {size(r.bytes_read)} read and verified" if args.read_data else "")
+            )
             for p in r.problems[:200]:
                 out(f"  {p}")
     return 0 if all(r.ok for r in results) else EXIT_INTEGRITY

@@ -24,9 +24,20 @@ async def run(args: argparse.Namespace) -> int:
         records, holders = await app.snapshots(args.source, args.site)
     sites = config.source(args.source).sites
     if args.json:
-        emit_json([{"id": r.id, "time": when(r.time_ns), "files": r.stats.get("files", 0),
-                    "bytes": r.stats.get("bytes_total", 0), "stored": r.stats.get("bytes_stored", 0),
-                    "partial": r.partial, "sites": sorted(holders.get(r.id, ()))} for r in records])
+        emit_json(
+            [
+                {
+                    "id": r.id,
+                    "time": when(r.time_ns),
+                    "files": r.stats.get("files", 0),
+                    "bytes": r.stats.get("bytes_total", 0),
+                    "stored": r.stats.get("bytes_stored", 0),
+                    "partial": r.partial,
+                    "sites": sorted(holders.get(r.id, ())),
+                }
+                for r in records
+            ]
+        )
         return 0
     if records:
         out(f"restorable range: {when(records[0].time_ns)} .. {when(records[-1].time_ns)}")
@@ -34,7 +45,9 @@ async def run(args: argparse.Namespace) -> int:
     for r in records:
         held = holders.get(r.id, set())
         marks = " ".join(s if s in held else f"-{s}" for s in sites)
-        out(f"{r.id[:16]}  {when(r.time_ns):25}  {r.stats.get('files', 0):>7}  "
+        out(
+            f"{r.id[:16]}  {when(r.time_ns):25}  {r.stats.get('files', 0):>7}  "
             f"{size(r.stats.get('bytes_total', 0)):>10}  {size(r.stats.get('bytes_stored', 0)):>10}  {marks}"
-            f"{'  PARTIAL' if r.partial else ''}")
+            f"{'  PARTIAL' if r.partial else ''}"
+        )
     return 0

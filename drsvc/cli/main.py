@@ -29,9 +29,14 @@ EXIT_TEMPFAIL = 75  # a site is unreachable: try again later (sysexits EX_TEMPFA
 
 
 def exit_code(exc: DRError) -> int:
-    for kind, code in ((ConfigError, EXIT_USAGE), (CryptoError, EXIT_KEY), (IntegrityError, EXIT_INTEGRITY),
-                       (ReplicationError, EXIT_NOT_PROTECTED), (TransientStoreError, EXIT_TEMPFAIL),
-                       (RestoreError, EXIT_FAILURE)):
+    for kind, code in (
+        (ConfigError, EXIT_USAGE),
+        (CryptoError, EXIT_KEY),
+        (IntegrityError, EXIT_INTEGRITY),
+        (ReplicationError, EXIT_NOT_PROTECTED),
+        (TransientStoreError, EXIT_TEMPFAIL),
+        (RestoreError, EXIT_FAILURE),
+    ):
         if isinstance(exc, kind):
             return code
     return EXIT_FAILURE
@@ -44,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     from drsvc.cli import check_cmd, config_cmd, init_cmd, ls_cmd, restore_cmd, snapshot_cmd
 
     p = argparse.ArgumentParser(prog="drsvc", description="Cross-site disaster-recovery replication")
-    p.add_argument("-c", "--config", default=os.environ.get("DRSVC_CONFIG", "/etc/drsvc/drsvc.toml"),
-                   help="config file (default: $DRSVC_CONFIG or /etc/drsvc/drsvc.toml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("DRSVC_CONFIG", "/etc/drsvc/drsvc.toml"),
+        help="config file (default: $DRSVC_CONFIG or /etc/drsvc/drsvc.toml)",
+    )
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for mod in (init_cmd, snapshot_cmd, ls_cmd, restore_cmd, check_cmd, config_cmd):
         mod.register(sub)

@@ -29,8 +29,9 @@ def parse_time(text: str) -> int | None:
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"not a time: {text!r} (use 'latest', ISO 8601 like 2026-11-25T08:00:00+08:00, "
-                         "or @epoch-seconds)") from None
+        raise ValueError(
+            f"not a time: {text!r} (use 'latest', ISO 8601 like 2026-11-25T08:00:00+08:00, or @epoch-seconds)"
+        ) from None
     if t.tzinfo is None:
         t = t.astimezone()
     return int(t.timestamp() * 1e9)

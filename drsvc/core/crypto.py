@@ -191,14 +191,19 @@ def parse_header(data: bytes | memoryview, otype: ObjectType, name: str) -> tupl
     """The suite and salt of a sealed object's header, checking magic, version and type."""
     if len(data) < HEADER.size:
         raise IntegrityError("object too short for a header", object=name)
-    magic, version, suite_id, t, _, salt = HEADER.unpack_from(data)
+    magic, version, suite_id, t, reserved, salt = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise IntegrityError("not a drsvc object (bad magic)", object=name)
     if version != FORMAT_VERSION:
         raise IntegrityError(f"unsupported object format version {version}", object=name)
     if t != int(otype):
         raise IntegrityError(f"object type {t} where {int(otype)} was expected", object=name)
-    return Suite.from_ident(suite_id), salt
+    if reserved != 0:  # not covered by a pack's AEAD: a flipped bit here must not pass unnoticed
+        raise IntegrityError("reserved header field is not zero", object=name)
+    try:
+        return Suite.from_ident(suite_id), salt
+    except IntegrityError as exc:
+        raise IntegrityError(exc.message, object=name) from None
 
 
 def seal_object(keys: Keys, otype: ObjectType, name: str, plaintext: bytes) -> bytes:

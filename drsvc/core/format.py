@@ -19,6 +19,16 @@ from drsvc.core.errors import IntegrityError
 
 FORMAT = 1
 TRAILER = struct.Struct("<I")
+# what a decoder may raise on malformed input; it is reported as IntegrityError
+_MALFORMED = (ValueError, TypeError, KeyError, AttributeError, OverflowError, msgpack.UnpackException)
+
+
+def _bytes(v: Any) -> bytes:
+    """A bytes field of decoded input (``bytes(n)`` of a hostile integer would allocate n bytes)."""
+    if not isinstance(v, bytes):
+        raise TypeError(f"expected bytes, got {type(v).__name__}")
+    return v
+
 
 # ---- blob payloads ----------------------------------------------------------------------------------
 
@@ -71,8 +81,8 @@ class BlobEntry:
     def from_wire(cls, w: Any, where: str) -> BlobEntry:
         try:
             t, bid, off, ln, raw = w
-            entry = cls(BlobType(t), bytes(bid), int(off), int(ln), int(raw))
-        except (TypeError, ValueError) as exc:
+            entry = cls(BlobType(t), _bytes(bid), int(off), int(ln), int(raw))
+        except _MALFORMED as exc:
             raise IntegrityError(f"malformed blob entry: {exc}", object=where) from None
         if len(entry.blob_id) != 32 or entry.offset < 0 or entry.length <= 0 or entry.raw_length < 0:
             raise IntegrityError("blob entry out of range", object=where)
@@ -117,6 +127,10 @@ def read_pack_header(keys: Keys, name: str, data: bytes) -> tuple[bytes, list[Bl
     from drsvc.core.crypto import ObjectType, parse_header
 
     suite, salt = parse_header(data, ObjectType.PACK, name)
+    if suite is not keys.suite:  # the pack's own header is not under its AEAD: check what it claims
+        raise IntegrityError(
+            f"pack sealed with {suite.value}, repository uses {keys.suite.value}", object=name
+        )
     if len(data) < 24 + TRAILER.size:
         raise IntegrityError("pack too short", object=name)
     (hlen,) = TRAILER.unpack_from(data, len(data) - TRAILER.size)
@@ -134,11 +148,11 @@ def read_pack_header(keys: Keys, name: str, data: bytes) -> tuple[bytes, list[Bl
 def _unpack_entries(plain: bytes, where: str) -> list[BlobEntry]:
     try:
         version, wire = msgpack.unpackb(plain)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if version != FORMAT:
+            raise IntegrityError(f"unsupported pack header version {version}", object=where)
+        return [BlobEntry.from_wire(w, where) for w in wire]
+    except _MALFORMED as exc:
         raise IntegrityError(f"malformed pack header: {exc}", object=where) from None
-    if version != FORMAT:
-        raise IntegrityError(f"unsupported pack header version {version}", object=where)
-    return [BlobEntry.from_wire(w, where) for w in wire]
 
 
 # ---- index files ------------------------------------------------------------------------------------
@@ -167,9 +181,9 @@ def decode_index(data: bytes, where: str) -> list[PackIndex]:
         for name, salt, blobs in obj["packs"]:
             if not isinstance(name, str) or len(salt) != 16:
                 raise ValueError("bad pack entry")
-            out.append(PackIndex(name, bytes(salt), tuple(BlobEntry.from_wire(b, where) for b in blobs)))
+            out.append(PackIndex(name, _bytes(salt), tuple(BlobEntry.from_wire(b, where) for b in blobs)))
         return out
-    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+    except _MALFORMED as exc:
         raise IntegrityError(f"malformed index: {exc}", object=where) from None
 
 
@@ -220,7 +234,7 @@ class Node:
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> Node:
         node = cls(
-            name=bytes(w["n"]),
+            name=_bytes(w["n"]),
             kind=str(w["k"]),
             mode=int(w["m"]),
             mtime_ns=int(w["t"]),
@@ -229,9 +243,9 @@ class Node:
             size=int(w.get("s", 0)),
             inode=int(w.get("i", 0)),
             ctime_ns=int(w.get("c", 0)),
-            content=tuple(bytes(c) for c in w.get("x", ())),
-            subtree=bytes(w.get("d", b"")),
-            target=bytes(w.get("l", b"")),
+            content=tuple(_bytes(c) for c in w.get("x", ())),
+            subtree=_bytes(w.get("d", b"")),
+            target=_bytes(w.get("l", b"")),
             changed=bool(w.get("ch", False)),
         )
         if node.kind not in (FILE, DIR, SYMLINK):
@@ -252,7 +266,7 @@ def decode_tree(data: bytes, where: str) -> list[Node]:
         if obj.get("v") != FORMAT:
             raise ValueError(f"unsupported tree version {obj.get('v')}")
         return [Node.from_wire(w) for w in obj["nodes"]]
-    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+    except _MALFORMED as exc:
         raise IntegrityError(f"malformed tree: {exc}", object=where) from None
 
 
@@ -300,9 +314,11 @@ def decode_snapshot(data: bytes, where: str) -> SnapshotRecord:
         o = msgpack.unpackb(data)
         if o.get("v") != FORMAT:
             raise ValueError(f"unsupported snapshot version {o.get('v')}")
-        tree = bytes(o["tree"])
+        tree = _bytes(o["tree"])
         if len(tree) != 32:
             raise ValueError("tree id must be 32 bytes")
+        if o["parent"] is not None and not isinstance(o["parent"], str):
+            raise ValueError("parent must be a snapshot id")
         return SnapshotRecord(
             id=str(o["id"]),
             tenant=str(o["tenant"]),
@@ -317,5 +333,5 @@ def decode_snapshot(data: bytes, where: str) -> SnapshotRecord:
             stats={str(k): int(v) for k, v in o["stats"].items()},
             index=tuple(str(i) for i in o["index"]),
         )
-    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+    except _MALFORMED as exc:
         raise IntegrityError(f"malformed snapshot record: {exc}", object=where) from None

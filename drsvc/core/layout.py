@@ -44,11 +44,11 @@ class Handle:
             if self.name:
                 raise ValueError("the config object has no name")
             return
-        if not _HEX.match(self.name):
+        if not _HEX.fullmatch(self.name):
             raise ValueError(f"object name must be lowercase hex: {self.name!r}")
         if (self.kind is Kind.SNAPSHOT) != bool(self.source_tag):
             raise ValueError("a source tag is required for snapshots and only for them")
-        if self.source_tag and not _HEX.match(self.source_tag):
+        if self.source_tag and not _HEX.fullmatch(self.source_tag):
             raise ValueError(f"source tag must be lowercase hex: {self.source_tag!r}")
 
     def __str__(self) -> str:
@@ -56,7 +56,7 @@ class Handle:
 
 
 def check_tenant(tenant: str) -> str:
-    if not _TENANT.match(tenant):
+    if not _TENANT.fullmatch(tenant):
         raise ValueError(f"tenant name must match {_TENANT.pattern}: {tenant!r}")
     return tenant
 
@@ -104,6 +104,6 @@ class Layout:
                 return Handle(kind, parts[3], parts[2])
             if kind in (Kind.KEY, Kind.INDEX) and len(parts) == 3:
                 return Handle(kind, parts[2])
-        except ValueError as exc:
+        except (ValueError, IndexError) as exc:
             raise RepositoryError(f"not an object of this repository: {exc}", key=key) from None
         raise RepositoryError("not an object of this repository", key=key)

@@ -178,7 +178,8 @@ class Outbox:
     @_locked
     def backlog(self, site: str) -> SiteBacklog:
         n, size, oldest = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(o.size), 0), MIN(o.created) FROM copies c JOIN objects o USING (seq)"
+            "SELECT COUNT(*), COALESCE(SUM(o.size), 0), MIN(o.created)"
+            " FROM copies c JOIN objects o USING (seq)"
             " WHERE c.site = ? AND c.acked IS NULL",
             (site,),
         ).fetchone()
@@ -193,8 +194,9 @@ class Outbox:
         """Keys of `tenant` still in the outbox (optionally under a prefix) with their target sites."""
         rows = self.db.execute(
             "SELECT o.key, group_concat(c.site) FROM objects o JOIN copies c USING (seq)"
-            " WHERE o.tenant = ? AND o.key LIKE ? GROUP BY o.seq ORDER BY o.seq",
-            (tenant, prefix.replace("%", r"\%") + "%"),
+            # not LIKE: it is case-insensitive and `_` and `%` in the prefix would be wildcards
+            " WHERE o.tenant = ? AND substr(o.key, 1, length(?)) = ? GROUP BY o.seq ORDER BY o.seq",
+            (tenant, prefix, prefix),
         ).fetchall()
         return [(k, sites.split(",")) for k, sites in rows]
 

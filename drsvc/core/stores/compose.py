@@ -9,17 +9,25 @@ from drsvc.core.stores.retry import RetryPolicy, RetryStore
 from drsvc.core.stores.s3 import S3Store
 
 
-def open_site(name: str, cfg: LocalSiteConfig | S3SiteConfig, retry: RetryPolicy | None = None) -> ObjectStore:
+def open_site(
+    name: str, cfg: LocalSiteConfig | S3SiteConfig, retry: RetryPolicy | None = None
+) -> ObjectStore:
     """The store for a configured site: the backend, wrapped in retries of transient errors."""
     inner: ObjectStore
     if isinstance(cfg, LocalSiteConfig):
         inner = LocalStore(name, cfg.path, fsync=cfg.fsync)
     else:
         inner = S3Store(
-            name, cfg.endpoint, cfg.bucket,
+            name,
+            cfg.endpoint,
+            cfg.bucket,
             access_key=cfg.access_key.read_text(f"sites.{name}.access_key"),
             secret_key=cfg.secret_key.read_text(f"sites.{name}.secret_key"),
-            prefix=cfg.prefix, secure=cfg.secure, region=cfg.region, concurrency=cfg.concurrency,
-            timeout=cfg.timeout, create_bucket=cfg.create_bucket,
+            prefix=cfg.prefix,
+            secure=cfg.secure,
+            region=cfg.region,
+            concurrency=cfg.concurrency,
+            timeout=cfg.timeout,
+            create_bucket=cfg.create_bucket,
         )
     return RetryStore(inner, retry or RetryPolicy())

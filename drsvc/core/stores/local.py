@@ -36,7 +36,7 @@ class LocalStore:
 
     async def _run(self, fn: object, *args: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type, no-any-return]
+        return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
 
     def _error(self, exc: OSError, key: str, what: str) -> StoreError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN):
