@@ -9,9 +9,8 @@ from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 from helpers import du, init_app, local_sites, make_config, tree_state
+from hypothesis import HealthCheck, given, settings
 
 NAME = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=12
@@ -19,8 +18,11 @@ NAME = st.text(
 
 ENTRY = st.recursive(
     st.one_of(
-        st.tuples(st.just("f"), st.binary(max_size=2000) | st.integers(60_000, 300_000),
-                  st.sampled_from([0o600, 0o644, 0o755, 0o400])),
+        st.tuples(
+            st.just("f"),
+            st.binary(max_size=2000) | st.integers(60_000, 300_000),
+            st.sampled_from([0o600, 0o644, 0o755, 0o400]),
+        ),
         st.tuples(st.just("l"), NAME),
     ),
     lambda children: st.tuples(st.just("d"), st.dictionaries(NAME, children, max_size=4)),
@@ -47,7 +49,9 @@ def build(root: Path, entries: dict[str, tuple[object, ...]], rng: random.Random
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=st.dictionaries(NAME, ENTRY, max_size=6), seed=st.integers(0, 2**32))
-async def test_generated_trees_round_trip(tmp_path_factory: pytest.TempPathFactory, tree: dict, seed: int) -> None:
+async def test_generated_trees_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, tree: dict, seed: int
+) -> None:
     tmp = tmp_path_factory.mktemp("rt")
     src = tmp / "src"
     build(src, tree, random.Random(seed))
@@ -140,9 +144,55 @@ async def test_new_host_finds_parent_and_dedups_against_site(tmp_path: Path) -> 
     assert o.result.stats.bytes_stored < 4096  # only the new tree: every chunk is already at the site
 
 
-async def test_unreadable_file_gives_warning_and_partial_snapshot(tmp_path: Path) -> None:
+def test_unreadable_file_gives_warning_and_partial_snapshot() -> None:
+    """Through the real CLI, with the capabilities that let root read anything dropped (setpriv)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    nobody = 65534
     if os.geteuid() == 0:
-        pytest.skip("root reads every file")  # pragma: no cover
+        if not shutil.which("setpriv"):
+            pytest.fail("setpriv (util-linux) is needed to drop root's read-anything capabilities")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    else:  # pragma: no cover - an unprivileged user cannot read another's 0600 file anyway
+        prefix = []
+    base = Path(tempfile.mkdtemp(prefix="drsvc-unreadable-"))
+    try:
+        os.chmod(base, 0o777)
+        src = base / "src"
+        src.mkdir()
+        (src / "ok.txt").write_text("readable\n")
+        (src / "secret.txt").write_text("nobody's only\n")
+        os.chmod(src / "secret.txt", 0o600)
+        (src / "closed").mkdir(mode=0o700)
+        (src / "closed" / "inside.txt").write_text("x")
+        os.chown(src / "secret.txt", nobody, nobody)
+        os.chown(src / "closed", nobody, nobody)
+        os.chmod(src, 0o755)
+        cfg = base / "drsvc.toml"
+        cfg.write_text(
+            f'[state]\ndir = "{base}/state"\n[tenants.fin.key.passphrase]\nvalue = "pw"\n'
+            f'[sites.a]\ntype = "local"\npath = "{base}/site"\n'
+            f'[sources.docs]\ntenant = "fin"\ntype = "tree"\npath = "{src}"\nsites = ["a"]\n'
+        )
+        cli = [*prefix, sys.executable, "-m", "drsvc.cli.main", "-c", str(cfg)]
+        run = lambda *a: subprocess.run([*cli, *a], capture_output=True, text=True, cwd=base)  # noqa: E731
+        assert run("init", "fin", "--scrypt-n", "1024").returncode == 0
+        snap = run("snapshot", "docs", "--json")
+        assert snap.returncode == 0, snap.stderr
+        result = json.loads(snap.stdout)
+        assert result["partial"] is True and result["protected"] is True
+        warnings = "\n".join(result["warnings"])
+        assert "secret.txt: cannot open: Permission denied" in warnings
+        assert "closed: cannot list directory: Permission denied" in warnings
+        restored = run("restore", "docs", "--to", str(base / "out"))
+        assert restored.returncode == 0, restored.stderr
+        assert (base / "out" / "ok.txt").read_text() == "readable\n"
+        assert not (base / "out" / "secret.txt").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_file_changing_during_read_is_detected(tmp_path: Path) -> None:
