@@ -56,7 +56,8 @@ class DedupIndex:
         for store in sites:
             try:
                 listed.append({h.name for h in await repo.list_handles(Kind.INDEX, store=store)})
-            except StoreError as exc:
+            except StoreError as exc:  # an unreachable site counts as holding nothing
+                listed.append(set())
                 warnings.append(f"site {store.name} unreachable while loading the index: {exc.message}")
         common = set.intersection(*listed) if listed else set()
         await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)

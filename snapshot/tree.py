@@ -347,7 +347,7 @@ class TreeSnapshot:
             total = 0
             with io.FileIO(fd, "rb", closefd=False) as f:
                 chunks = (
-                    self._chunker().fixed(f, self.config.page_size) if job.page else self._chunker().cdc(f)
+                    self._chunker().fixed(f, self.config.page_chunk) if job.page else self._chunker().cdc(f)
                 )
                 for data in chunks:
                     cid = self.id_fn(data)

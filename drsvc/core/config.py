@@ -190,7 +190,9 @@ class SourceConfig(_Model):
     min_copies: int = Field(default=1, ge=1)
     exclude: tuple[str, ...] = ()
     page_files: tuple[str, ...] = ("*.db", "*.sqlite", "*.sqlite3", "*.ibd", "*.mdf", "*.ndf", "*.dbf")
-    page_size: Size = 8192
+    # database-like files: fixed chunks aligned to the file start, a multiple of common page sizes
+    # (4/8/16 KiB); 32 KiB stores ~1.4x the real change of scattered page writes (benchmarks/results)
+    page_chunk: Size = Field(default=32 * 1024, ge=4096, le=4 * 1024 * 1024)
     one_file_system: bool = True
 
     # field validators, not a model validator, so that the error names the key (sources.<name>.min_copies)

@@ -51,6 +51,9 @@ def decode_payload(payload: bytes, raw_length: int, dctx: zstandard.ZstdDecompre
         data = payload[1:]
     elif payload[0] == CODEC_ZSTD:
         try:
+            # max_output_size does not bound a frame that states its own size: check what it states first
+            if zstandard.frame_content_size(payload[1:]) > raw_length:
+                raise IntegrityError(f"blob frame is larger than the index says ({raw_length})", object=where)
             data = dctx.decompress(payload[1:], max_output_size=raw_length)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"blob does not decompress: {exc}", object=where) from None

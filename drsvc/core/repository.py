@@ -313,16 +313,16 @@ class Repository:
         async def one(h: Handle) -> SnapshotRecord:
             async with sem:
                 return await self.fetch(
-                    h, lambda b: self.decode_snapshot(h.name, b), stores=[store] if store else None
+                    h, lambda b: self.decode_snapshot(h.name, b, source), stores=[store] if store else None
                 )
 
         records = await asyncio.gather(*(one(h) for h in handles))
         return sorted(records, key=lambda r: (r.time_ns, r.id))
 
-    def decode_snapshot(self, name: str, data: bytes) -> SnapshotRecord:
+    def decode_snapshot(self, name: str, data: bytes, source: str | None = None) -> SnapshotRecord:
         rec = format.decode_snapshot(crypto.open_object(self.keys, ObjectType.SNAPSHOT, name, data), name)
-        if rec.id != name or rec.tenant != self.tenant:
-            raise IntegrityError("snapshot record does not match its name or tenant", object=name)
+        if rec.id != name or rec.tenant != self.tenant or (source is not None and rec.source != source):
+            raise IntegrityError("snapshot record does not match its name, tenant or source", object=name)
         return rec
 
     async def load_index(self) -> dict[bytes, BlobLocation]:

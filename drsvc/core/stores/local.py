@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from drsvc.core.stores import ObjectInfo
 
 T = TypeVar("T")
 _TMP = ".tmp-"
+# no object by that key: nothing there, a directory there, or a file where a directory of the key would be
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 class LocalStore:
@@ -79,7 +82,7 @@ class LocalStore:
                 if offset:
                     f.seek(offset)
                 data = f.read() if length is None else f.read(length)
-        except FileNotFoundError:
+        except _MISSING:
             raise ObjectNotFound("no such object", site=self.name, key=key) from None
         except OSError as exc:
             raise self._error(exc, key, "read") from exc
@@ -91,11 +94,12 @@ class LocalStore:
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
-            return ObjectInfo(key, self._path(key).stat().st_size)
-        except FileNotFoundError:
+            st = self._path(key).stat()
+        except _MISSING:
             return None
         except OSError as exc:
             raise self._error(exc, key, "stat") from exc
+        return ObjectInfo(key, st.st_size) if stat.S_ISREG(st.st_mode) else None  # a directory is no object
 
     def _list(self, prefix: str) -> list[ObjectInfo]:
         base, _, _ = prefix.rpartition("/")
@@ -119,7 +123,7 @@ class LocalStore:
     def _delete(self, key: str) -> None:
         try:
             self._path(key).unlink()
-        except FileNotFoundError:
+        except _MISSING:
             pass
         except OSError as exc:
             raise self._error(exc, key, "delete") from exc
