@@ -1,0 +1,1 @@
+"""Benchmarks and studies for drsvc (not part of the installed package)."""
