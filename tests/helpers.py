@@ -29,13 +29,23 @@ def make_config(
     source: dict[str, Any] | None = None,
     passphrase: str = PASSPHRASE,
 ) -> Config:
-    return parse_config({
-        "state": {"dir": str(tmp / "state")},
-        "tenants": {"fin": {"key": {"passphrase": {"value": passphrase}}, **(tenant or {})}},
-        "sites": sites,
-        "sources": {"docs": {"tenant": "fin", "type": "tree", "path": str(source_path),
-                             "sites": list(sites), "min_copies": min_copies, **(source or {})}},
-    })
+    return parse_config(
+        {
+            "state": {"dir": str(tmp / "state")},
+            "tenants": {"fin": {"key": {"passphrase": {"value": passphrase}}, **(tenant or {})}},
+            "sites": sites,
+            "sources": {
+                "docs": {
+                    "tenant": "fin",
+                    "type": "tree",
+                    "path": str(source_path),
+                    "sites": list(sites),
+                    "min_copies": min_copies,
+                    **(source or {}),
+                }
+            },
+        }
+    )
 
 
 async def init_app(config: Config) -> App:

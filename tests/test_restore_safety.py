@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from helpers import init_app, local_sites, make_config
 
 from drsvc.app import App
 from drsvc.core import crypto, format
@@ -15,7 +16,6 @@ from drsvc.core.errors import RestoreError, UnsafePathError
 from drsvc.core.format import Node, PackIndex, PackWriter, SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import new_id, now_ns
-from helpers import init_app, local_sites, make_config
 
 
 async def forge(app: App, trees: list[list[Node]], payload: bytes = b"evil\n") -> bytes:
@@ -28,16 +28,25 @@ async def forge(app: App, trees: list[list[Node]], payload: bytes = b"evil\n") -
     pw.add(BlobType.DATA, cid, format.encode_payload(payload, cctx), len(payload))
     tid = b""
     for nodes in trees:
-        data = format.encode_tree([n if n.content or n.kind != "f" else
-                                   Node(**{**{s: getattr(n, s) for s in Node.__slots__}, "content": (cid,),
-                                           "size": len(payload)}) for n in nodes])
+        data = format.encode_tree(
+            [
+                n
+                if n.content or n.kind != "f"
+                else Node(
+                    **{**{s: getattr(n, s) for s in Node.__slots__}, "content": (cid,), "size": len(payload)}
+                )
+                for n in nodes
+            ]
+        )
         tid = cid_fn(data)
         pw.add(BlobType.TREE, tid, format.encode_payload(data, cctx), len(data))
     store = app.store("a")
     await store.put(repo.layout.key(Handle(Kind.PACK, pw.name)), pw.finish())
     iname = new_id()
     idx = format.encode_index([PackIndex(pw.name, pw.cipher.salt, tuple(pw.entries))])
-    await store.put(repo.layout.key(Handle(Kind.INDEX, iname)), crypto.seal_object(keys, ObjectType.INDEX, iname, idx))
+    await store.put(
+        repo.layout.key(Handle(Kind.INDEX, iname)), crypto.seal_object(keys, ObjectType.INDEX, iname, idx)
+    )
     rec = SnapshotRecord(id=new_id(), tenant="fin", source="docs", time_ns=now_ns(), tree=tid)
     sealed = crypto.seal_object(keys, ObjectType.SNAPSHOT, rec.id, format.encode_snapshot(rec))
     await store.put(repo.layout.key(Handle(Kind.SNAPSHOT, rec.id, keys.source_tag("docs"))), sealed)
@@ -95,9 +104,11 @@ async def test_symlinks_are_restored_as_links_and_never_followed(tmp_path: Path)
     try:
         sub_tree = [f(b"payload.txt")]
         sub_id = await forge(app, [sub_tree])
-        root = [Node(name=b"a-link", kind="l", mode=0o777, mtime_ns=0, target=str(outside).encode()),
-                Node(name=b"z-dir", kind="d", mode=0o755, mtime_ns=0, subtree=sub_id),
-                Node(name=b"up", kind="l", mode=0o777, mtime_ns=0, target=b"../../../etc/passwd")]
+        root = [
+            Node(name=b"a-link", kind="l", mode=0o777, mtime_ns=0, target=str(outside).encode()),
+            Node(name=b"z-dir", kind="d", mode=0o755, mtime_ns=0, subtree=sub_id),
+            Node(name=b"up", kind="l", mode=0o777, mtime_ns=0, target=b"../../../etc/passwd"),
+        ]
         await forge(app, [sub_tree, root])
         await app.restore("docs", tmp_path / "target", None)
     finally:

@@ -8,19 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import WeedServer
+from helpers import init_app, make_config, tree_state
+
 from drsvc.app import App
 from drsvc.core.errors import IntegrityError, ReplicationError, WrongKeyError
 from drsvc.core.layout import Kind
-from helpers import init_app, make_config, tree_state
 from replicator import replicate, require_protected
 
 
 def s3_site(server: WeedServer, bucket: str) -> dict[str, Any]:
-    return {"type": "s3", "endpoint": server.endpoint, "bucket": bucket, "secure": False, "timeout": 5,
-            "create_bucket": True, "access_key": {"value": server.access_key},
-            "secret_key": {"value": server.secret_key}}
+    return {
+        "type": "s3",
+        "endpoint": server.endpoint,
+        "bucket": bucket,
+        "secure": False,
+        "timeout": 5,
+        "create_bucket": True,
+        "access_key": {"value": server.access_key},
+        "secret_key": {"value": server.secret_key},
+    }
 
 
 def corpus(src: Path, seed: int = 3) -> None:

@@ -39,6 +39,7 @@ HEADER = struct.Struct(">3sBBBH16s")  # magic, version, suite id, object type, r
 NONCE_LEN = 12
 TAG_LEN = 16
 MASTER_KEY_LEN = 64
+MIN_KEYFILE_LEN = 32
 
 
 class ObjectType(enum.IntEnum):
@@ -83,14 +84,22 @@ class Suite(enum.Enum):
     def aead(self, key: bytes) -> Aead:
         return _AesGcm(key) if self is Suite.AES_256_GCM else _Sm4Gcm(key)
 
+    def mac(self, key: bytes, data: bytes | memoryview) -> bytes:
+        """The suite's MAC: HMAC-SHA256, or HMAC-SM3 for the domestic suite."""
+        if self is Suite.AES_256_GCM:
+            return hmac.new(key, data, "sha256").digest()
+        return _hmac_sm3(key, data)
+
     def id_function(self, key: bytes) -> Callable[[bytes | memoryview], bytes]:
         """Keyed 256-bit content id: BLAKE3 keyed mode, or HMAC-SM3 for the domestic suite."""
         if self is Suite.AES_256_GCM:
             return lambda data: blake3.blake3(data, key=key, max_threads=1).digest()
-        return lambda data: hmac.new(key, data, "sm3").digest() if _HAS_SM3_HMAC else _hmac_sm3(key, data)
+        return lambda data: _hmac_sm3(key, data)
 
 
 def _hmac_sm3(key: bytes, data: bytes | memoryview) -> bytes:
+    if _HAS_SM3_HMAC:
+        return hmac.new(key, data, "sm3").digest()
     from cryptography.hazmat.primitives.hmac import HMAC
 
     h = HMAC(key, hashes.SM3())
@@ -174,10 +183,10 @@ class Keys:
         return self.suite.id_function(self.id_key)
 
     def source_tag(self, source: str) -> str:
-        return hmac.new(self._sub("tag"), source.encode(), "sha256").hexdigest()[:24]
+        return self.suite.mac(self._sub("tag"), source.encode()).hex()[:24]
 
     def config_mac(self, canonical: bytes) -> str:
-        return hmac.new(self._sub("config"), canonical, "sha256").hexdigest()
+        return self.suite.mac(self._sub("config"), canonical).hex()
 
     def object_key(self, salt: bytes) -> Aead:
         return self.suite.aead(self.suite.hkdf(self.data_key, salt, b"drsvc/1/object", self.suite.key_len))
@@ -291,6 +300,19 @@ def _wrapping_key(suite: Suite, slot: dict[str, Any], secret: bytes) -> bytes:
         kdf = slot["kdf"]
         if kdf.get("name") != "scrypt":
             raise CryptoError(f"unknown key derivation {kdf.get('name')!r} in key slot", slot=slot.get("id"))
+        n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
+        # the slot is plaintext at the site: bound its cost so a hostile site cannot exhaust our memory
+        if not (
+            isinstance(n, int)
+            and isinstance(r, int)
+            and isinstance(p, int)
+            and 2**10 <= n <= 2**20
+            and n & (n - 1) == 0
+            and 1 <= r <= 32
+            and 1 <= p <= 16
+            and 128 * n * r <= 1024**3
+        ):
+            raise CryptoError("key slot has out-of-range scrypt parameters", slot=slot.get("id"))
         return Scrypt(salt=salt, length=suite.key_len, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(secret)
     if slot["kind"] == "keyfile":
         return suite.hkdf(secret, salt, b"drsvc/1/keyfile", suite.key_len)
@@ -303,6 +325,12 @@ def make_key_slot(
     """A key slot: the master key wrapped under a key derived from a passphrase or key file."""
     if kind == "passphrase" and not secret:
         raise CryptoError("an empty passphrase is not allowed", slot=slot_id)
+    if kind == "keyfile" and len(secret) < MIN_KEYFILE_LEN:
+        raise CryptoError(
+            f"a key file must hold at least {MIN_KEYFILE_LEN} bytes",
+            slot=slot_id,
+            hint="make one with: head -c 64 /dev/urandom > tenant.key",
+        )
     slot: dict[str, Any] = {"id": slot_id, "kind": kind, "suite": suite.value, "salt": _b64(os.urandom(16))}
     if kind == "passphrase":
         slot["kdf"] = {"name": "scrypt", "n": scrypt.n, "r": scrypt.r, "p": scrypt.p}

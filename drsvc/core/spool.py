@@ -7,11 +7,10 @@ before ``put`` returns. The file goes when every target site holds the object (`
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from drsvc.core.durable import write_file
 from drsvc.core.errors import DRError, ObjectNotFound
 from drsvc.core.outbox import Outbox
 
@@ -34,22 +33,7 @@ class Spool:
         """Durably spool an object for `sites` (blocking: call from a worker thread)."""
         path = self.path(key)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_file(path, data)
         return self.outbox.add(key, tenant, len(data), sites, barrier)
 
     def read(self, key: str) -> bytes:

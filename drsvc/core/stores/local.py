@@ -10,17 +10,16 @@ import asyncio
 import errno
 import os
 import stat
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from drsvc.core.durable import TMP_PREFIX, write_file
 from drsvc.core.errors import ObjectNotFound, StoreError, TransientStoreError
 from drsvc.core.stores import ObjectInfo
 
 T = TypeVar("T")
-_TMP = ".tmp-"
 # no object by that key: nothing there, a directory there, or a file where a directory of the key would be
 _MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
@@ -48,32 +47,9 @@ class LocalStore:
 
     # -- blocking halves --------------------------------------------------------------------------
     def _put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if self.fsync:
-                dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            write_file(self._path(key), data, self.fsync)
         except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except (OSError, UnboundLocalError):
-                pass
             raise self._error(exc, key, "write") from exc
 
     def _get(self, key: str, offset: int, length: int | None) -> bytes:
@@ -111,7 +87,7 @@ class LocalStore:
             for dirpath, _dirs, files in os.walk(top):
                 rel = os.path.relpath(dirpath, self.root)
                 for fname in files:
-                    if fname.startswith(_TMP):
+                    if fname.startswith(TMP_PREFIX):
                         continue
                     key = fname if rel == "." else f"{rel}/{fname}"
                     if key.startswith(prefix):

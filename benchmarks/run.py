@@ -1,0 +1,230 @@
+"""drsvc against restic on the benchmark dataset, one run, same dataset states for both tools.
+
+    python -m benchmarks.run [--scale 1.0] [--data /tmp/bench-data] [--work /tmp/bench-run]
+
+Steps: generate a fresh dataset; drsvc init + full snapshot to a local site, restic init + full backup to a
+local repository (same tree); ``dataset mutate --round 1``; both incrementals; both restores of the latest
+state into empty directories. Each tool runs as a subprocess; wall time and its peak RSS come from
+``os.wait4`` (see `benchmarks.anchors.run_measured`). Prints a table (metric | drsvc | restic | ratio) and
+the targets with pass/fail; writes JSON to benchmarks/results/run.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import dataset
+from benchmarks.anchors import (
+    ResticRepo,
+    restic_backup,
+    restic_init,
+    restic_restore,
+    restic_version,
+    run_measured,
+)
+
+MiB = 1024 * 1024
+DRSVC = str(Path(sys.executable).parent / "drsvc")
+
+
+def _dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for _, p in dataset.iter_files(root)) if root.exists() else 0
+
+
+def write_config(work: Path, data: Path) -> Path:
+    cfg = work / "drsvc.toml"
+    cfg.write_text(
+        f'[state]\ndir = "{work / "drsvc-state"}"\n'
+        '[tenants.bench.key.passphrase]\nvalue = "drsvc-bench"\n'
+        f'[sites.local]\ntype = "local"\npath = "{work / "drsvc-site"}"\n'
+        f'[sources.data]\ntenant = "bench"\ntype = "tree"\npath = "{data}"\nsites = ["local"]\n'
+    )
+    return cfg
+
+
+def drsvc(cfg: Path, *args: str) -> tuple[dict[str, Any], float, float]:
+    """Run drsvc; (parsed --json output or {}, wall seconds, peak RSS MiB)."""
+    m = run_measured([DRSVC, "-c", str(cfg), *args])
+    if m.returncode != 0:
+        raise RuntimeError(f"drsvc {' '.join(args)} exited {m.returncode}: {m.stderr.decode()[-2000:]}")
+    out = json.loads(m.stdout) if "--json" in args else {}
+    return out, m.seconds, m.peak_rss_mib
+
+
+def drsvc_snapshot(cfg: Path, site: Path) -> dict[str, Any]:
+    before = _dir_bytes(site)
+    out, secs, rss = drsvc(cfg, "snapshot", "data", "--json")
+    stats = out["stats"]
+    return {
+        "seconds": round(secs, 2),
+        "peak_rss_mib": round(rss, 1),
+        "bytes_stored": int(stats["bytes_stored"]),
+        "site_growth_bytes": _dir_bytes(site) - before,
+        "bytes_total": int(stats["bytes_total"]),
+        "mb_per_s": round(int(stats["bytes_total"]) / 1e6 / secs, 1),
+        "self_seconds": out.get("seconds"),
+        "files_unchanged": stats.get("files_unchanged"),
+    }
+
+
+def drsvc_restore(cfg: Path, target: Path) -> dict[str, Any]:
+    out, secs, rss = drsvc(cfg, "restore", "data", "--to", str(target), "--json")
+    restored = _dir_bytes(target)
+    return {
+        "seconds": round(secs, 2),
+        "peak_rss_mib": round(rss, 1),
+        "bytes_restored": restored,
+        "mb_per_s": round(restored / 1e6 / secs, 1),
+        "self_seconds": out.get("seconds"),
+    }
+
+
+def _fresh(p: Path) -> Path:
+    if p.exists():
+        shutil.rmtree(p)
+    return p
+
+
+def run(data: Path, work: Path, scale: float) -> dict[str, Any]:
+    _fresh(data)
+    _fresh(work).mkdir(parents=True)
+    gen = dataset.generate(data, scale)
+    print(f"dataset: {gen['total_bytes'] / MiB:.1f} MiB in {gen['seconds']} s", file=sys.stderr)
+
+    cfg = write_config(work, data)
+    site = work / "drsvc-site"
+    repo = ResticRepo(local=work / "restic-repo", cache_dir=work / "restic-cache")
+    d: dict[str, Any] = {}
+    r: dict[str, Any] = {}
+    _, secs, rss = drsvc(cfg, "init", "bench")
+    d["init"] = {"seconds": round(secs, 2), "peak_rss_mib": round(rss, 1)}
+    r["init"] = restic_init(repo)
+
+    d["full"] = drsvc_snapshot(cfg, site)
+    print(f"drsvc full: {d['full']}", file=sys.stderr)
+    r["full"] = restic_backup(repo, data)
+    print(f"restic full: {r['full']}", file=sys.stderr)
+
+    mut = dataset.mutate(data, 1)
+    real = int(mut["real_change_bytes"])
+    print(f"mutate round 1: real change {real} B", file=sys.stderr)
+
+    d["incremental"] = drsvc_snapshot(cfg, site)
+    print(f"drsvc incremental: {d['incremental']}", file=sys.stderr)
+    r["incremental"] = restic_backup(repo, data)
+    print(f"restic incremental: {r['incremental']}", file=sys.stderr)
+
+    d["restore"] = drsvc_restore(cfg, _fresh(work / "restore-drsvc"))
+    print(f"drsvc restore: {d['restore']}", file=sys.stderr)
+    restore_r = _fresh(work / "restore-restic")
+    restore_r.mkdir(parents=True)
+    r["restore"] = restic_restore(repo, restore_r)
+    print(f"restic restore: {r['restore']}", file=sys.stderr)
+
+    d["site_bytes"] = _dir_bytes(site)
+    r["repo_bytes"] = repo.stored_bytes()
+    return {
+        "scale": scale,
+        "cores": os.cpu_count(),
+        "restic_version": restic_version(),
+        "dataset_bytes": gen["total_bytes"],
+        "real_change_bytes": real,
+        "mutation": mut,
+        "drsvc": d,
+        "restic": r,
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
+def table(res: dict[str, Any]) -> tuple[list[tuple[str, Any, Any, Any]], list[tuple[str, str, bool]]]:
+    d, r, real = res["drsvc"], res["restic"], res["real_change_bytes"]
+    d_rss = max(d[k]["peak_rss_mib"] for k in ("full", "incremental", "restore"))
+    r_rss = max(r[k]["peak_rss_mib"] for k in ("full", "incremental", "restore"))
+    d_inc_stored = d["incremental"]["bytes_stored"]
+    r_inc_stored = r["incremental"]["repo_growth_bytes"]
+    rows: list[tuple[str, Any, Any, Any]] = []
+
+    def row(name: str, dv: float, rv: float) -> None:
+        rows.append((name, dv, rv, _ratio(dv, rv)))
+
+    row("full seconds", d["full"]["seconds"], r["full"]["seconds"])
+    row("full MB/s", d["full"]["mb_per_s"], r["full"]["mb_per_s"])
+    row(
+        "full stored MiB",
+        round(d["full"]["bytes_stored"] / MiB, 1),
+        round(r["full"]["repo_growth_bytes"] / MiB, 1),
+    )
+    row("full peak RSS MiB", d["full"]["peak_rss_mib"], r["full"]["peak_rss_mib"])
+    row("incr seconds", d["incremental"]["seconds"], r["incremental"]["seconds"])
+    row("incr stored bytes", d_inc_stored, r_inc_stored)
+    row("incr stored / real change", round(d_inc_stored / real, 2), round(r_inc_stored / real, 2))
+    row("incr peak RSS MiB", d["incremental"]["peak_rss_mib"], r["incremental"]["peak_rss_mib"])
+    row("restore seconds", d["restore"]["seconds"], r["restore"]["seconds"])
+    row("restore MB/s", d["restore"]["mb_per_s"], r["restore"]["mb_per_s"])
+    row("restore peak RSS MiB", d["restore"]["peak_rss_mib"], r["restore"]["peak_rss_mib"])
+    row("max peak RSS MiB", d_rss, r_rss)
+    row("total stored MiB", round(d["site_bytes"] / MiB, 1), round(r["repo_bytes"] / MiB, 1))
+
+    full_x = _ratio(d["full"]["mb_per_s"], r["full"]["mb_per_s"]) or 0.0
+    inc_x = _ratio(d["incremental"]["seconds"], r["incremental"]["seconds"]) or 0.0
+    stored_x = round(d_inc_stored / real, 2)
+    rest_x = _ratio(d["restore"]["mb_per_s"], r["restore"]["mb_per_s"]) or 0.0
+    targets = [
+        ("full MB/s >= 2x restic", f"{full_x}x", full_x >= 2),
+        ("incremental time <= 0.5x restic", f"{inc_x}x", inc_x <= 0.5),
+        ("incremental bytes stored <= 2x real change", f"{stored_x}x", stored_x <= 2),
+        ("restore MB/s >= 2x restic", f"{rest_x}x", rest_x >= 2),
+        ("peak RSS <= 150 MiB", f"{d_rss} MiB", d_rss <= 150),
+    ]
+    return rows, targets
+
+
+def render(
+    res: dict[str, Any], rows: list[tuple[str, Any, Any, Any]], targets: list[tuple[str, str, bool]]
+) -> str:
+    lines = [
+        f"dataset {res['dataset_bytes'] / MiB:.1f} MiB, real change {res['real_change_bytes']} B, "
+        f"scale {res['scale']}, {res['cores']} cores, {res['restic_version']}",
+        "",
+        f"{'metric':<28} | {'drsvc':>12} | {'restic':>12} | {'ratio':>6}",
+        f"{'-' * 28}-+-{'-' * 12}-+-{'-' * 12}-+-{'-' * 6}",
+    ]
+    for name, dv, rv, ratio in rows:
+        lines.append(f"{name:<28} | {dv!s:>12} | {rv!s:>12} | {ratio!s:>6}")
+    lines += ["", f"{'target':<44} | {'actual':>10} | result", f"{'-' * 44}-+-{'-' * 10}-+-------"]
+    for name, actual, ok in targets:
+        lines.append(f"{name:<44} | {actual:>10} | {'PASS' if ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--data", type=Path, default=Path("/tmp/bench-data"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-run"), help="site, repo, caches, restores")
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "run.json")
+    a = ap.parse_args(argv)
+    if shutil.which("restic") is None:
+        print("restic is not installed (apt-get install restic)", file=sys.stderr)
+        return 2
+    res = run(a.data, a.work, a.scale)
+    rows, targets = table(res)
+    res["table"] = [{"metric": n, "drsvc": dv, "restic": rv, "ratio": x} for n, dv, rv, x in rows]
+    res["targets"] = [{"target": n, "actual": v, "pass": ok} for n, v, ok in targets]
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=1) + "\n")
+    print(render(res, rows, targets))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
