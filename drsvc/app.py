@@ -129,7 +129,8 @@ class App:
         stores = [self.store(n) for n in sc.sites]
         repo = await self.open_repo(sc.tenant)
         done = asyncio.Event()
-        shipping = asyncio.ensure_future(replicator.replicate(self.spool, stores, done=done))
+        limits = {n: self.config.sites[n].concurrency for n in sc.sites}
+        shipping = asyncio.ensure_future(replicator.replicate(self.spool, stores, limits, done=done))
         try:
             result = await snapshot.take_snapshot(
                 source, sc, repo, self.spool, stores, self.cache_dir, self.pool, progress
@@ -137,15 +138,6 @@ class App:
         finally:
             done.set()
         reports = await shipping
-        if any(r.error for r in reports):  # one more pass: a transient failure may have cleared
-            again = await replicator.replicate(
-                self.spool, [s for s, r in zip(stores, reports, strict=True) if r.error]
-            )
-            for r in again:
-                for old in reports:
-                    if old.site == r.site:
-                        old.shipped += r.shipped
-                        old.error = r.error
         prot = await asyncio.to_thread(replicator.protection, self.spool, result.key, sc.sites, sc.min_copies)
         return SnapshotOutcome(result, prot, reports, loop.time() - started)
 

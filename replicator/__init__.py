@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from drsvc.core.errors import ReplicationError
@@ -43,13 +43,32 @@ def protection(spool: Spool, key: str, sites: Sequence[str], min_copies: int) ->
 
 
 async def replicate(
-    spool: Spool, stores: Sequence[ObjectStore], concurrency: int = 4, done: asyncio.Event | None = None
+    spool: Spool,
+    stores: Sequence[ObjectStore],
+    concurrency: Mapping[str, int] | None = None,
+    done: asyncio.Event | None = None,
 ) -> list[ShipReport]:
-    """Ship the backlog to every site in parallel (following new objects until `done`, if given)."""
-    shippers = [Shipper(s, spool, concurrency) for s in stores]
+    """Ship the backlog to every site in parallel (following new objects until `done`, if given).
+
+    A spooled object that went missing locally is copied from a site that holds it (the others in `stores`).
+    """
+    limits = concurrency or {}
+    shippers = [
+        Shipper(s, spool, limits.get(s.name, 4), peers=[p for p in stores if p is not s]) for s in stores
+    ]
     if done is None:
         return list(await asyncio.gather(*(s.run_once() for s in shippers)))
-    return list(await asyncio.gather(*(s.follow(done) for s in shippers)))
+    loop = asyncio.get_running_loop()
+
+    def wake() -> None:  # called from the spooling thread
+        for s in shippers:
+            loop.call_soon_threadsafe(s.wakeup.set)
+
+    unsubscribe = spool.subscribe(wake)
+    try:
+        return list(await asyncio.gather(*(s.follow(done) for s in shippers)))
+    finally:
+        unsubscribe()
 
 
 def require_protected(p: Protection, reports: Sequence[ShipReport], source: str) -> None:

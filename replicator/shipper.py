@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from drsvc.core.errors import StoreError
+from drsvc.core.errors import ObjectNotFound, StoreError
 from drsvc.core.outbox import Pending
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
@@ -28,19 +29,42 @@ class ShipReport:
 
 
 class Shipper:
-    def __init__(self, store: ObjectStore, spool: Spool, concurrency: int = 4) -> None:
+    def __init__(
+        self, store: ObjectStore, spool: Spool, concurrency: int = 4, peers: Sequence[ObjectStore] = ()
+    ) -> None:
         self.store = store
+        self.peers = list(peers)
         self.site = store.name
         self.spool = spool
         self.concurrency = concurrency
         self.wakeup = asyncio.Event()
 
     async def _ship_one(self, p: Pending) -> int:
-        data = await asyncio.to_thread(self.spool.read, p.key)
+        try:
+            data = await asyncio.to_thread(self.spool.read, p.key)
+        except ObjectNotFound:
+            data = await self._from_peer(p.key)
         await self.store.put(p.key, data)
         if await asyncio.to_thread(self.spool.outbox.ack, p.seq, self.site):
             await asyncio.to_thread(self.spool.shipped, p.seq, p.key)
         return len(data)
+
+    async def _from_peer(self, key: str) -> bytes:
+        """The spool lost this object (a damaged state directory): copy it from a site that has it."""
+        state = await asyncio.to_thread(self.spool.outbox.acked_sites, key)
+        holding = set(state[0]) if state else set()
+        for peer in self.peers:
+            if peer.name in holding:
+                try:
+                    return await peer.get(key)
+                except StoreError:
+                    continue
+        raise ObjectNotFound(
+            "spooled object is missing and no other site holds it",
+            key=key,
+            site=self.site,
+            hint="the local spool was damaged before this object reached any site: take a new snapshot",
+        )
 
     async def run_once(self) -> ShipReport:
         """Ship everything pending for this site now; stop at the first object that cannot be shipped."""

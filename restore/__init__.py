@@ -4,8 +4,8 @@
    nothing of the daemon's local state is needed.
 2. Choose the newest snapshot at or before the requested time; walk its trees; reject any name that is
    empty, ``.``, ``..``, contains ``/`` or NUL, or repeats in a directory (``restore.plan``).
-3. Create a staging directory next to the target (mode 0700); create every directory and file in it with
-   O_EXCL|O_NOFOLLOW. No symlink exists in the staging tree while data is written.
+3. Create a staging directory next to the target (mode 0700), every directory in it, and each file at its
+   first write with O_NOFOLLOW. No symlink exists in the staging tree while data is written.
 4. Fetch the needed blobs with ranged reads, verify each, write it where it is used (``restore.writer``);
    a missing or corrupt range is read from another site and reported as a fallback.
 5. Set modes and times on files, create symlinks, then set modes and times on directories, deepest first.
@@ -84,7 +84,7 @@ async def restore_tree(
     target: Path,
     at_ns: int | None = None,
     progress: Callable[[Progress], None] | None = None,
-    concurrency: int = 4,
+    concurrency: int = 8,
 ) -> RestoreResult:
     started = time.monotonic()
     target = await asyncio.to_thread(target.absolute)
@@ -118,18 +118,14 @@ async def restore_tree(
 
 
 def _create_skeleton(staging: str, plan: Plan) -> None:
+    """Directories, and the empty files; files with content are created by their first write (in parallel)."""
     for rel, _node in plan.dirs:
         if rel:
             os.mkdir(os.path.join(staging, rel), 0o700)
     for f in plan.files:
-        fd = os.open(
-            os.path.join(staging, f.rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-        )
-        try:
-            if f.node.size:
-                os.ftruncate(fd, f.node.size)
-        finally:
-            os.close(fd)
+        if not f.node.content:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            os.close(os.open(os.path.join(staging, f.rel), flags, 0o600))
 
 
 def _apply(path: str, node: Node, is_link: bool = False) -> None:

@@ -122,7 +122,7 @@ class BlobWriter:
     def _write(self, blobs: list[tuple[bytes, bytes]]) -> None:
         for bid, data in blobs:
             for path, off in self.targets[bid]:
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 try:
                     os.pwrite(fd, data, off)
                 finally:

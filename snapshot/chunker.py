@@ -1,8 +1,9 @@
 """Cutting file contents into chunks.
 
 Two strategies, chosen per file by the source's name patterns (benchmarks/chunking_study.py has the numbers):
-- content-defined (FastCDC 2020, gear table seeded from the tenant's secret chunker seed, so chunk lengths
-  leak nothing about content): insertions shift no boundaries beyond the edit;
+- content-defined (FastCDC 2020, gear table seeded from the tenant's secret chunker seed, so that chunk
+  boundaries cannot be predicted from known content without the key): insertions shift no boundaries beyond
+  the edit; the mean chunk is about avg_size + min_size;
 - page-aligned fixed chunks for database-like files, whose writes are scattered fixed-size pages: one changed
   page re-stores one chunk, never a CDC chunk straddling it.
 Both stream the file through a bounded buffer: memory does not grow with the file.
@@ -31,6 +32,7 @@ class Chunker:
     def __init__(self, params: ChunkParams, read_size: int = 4 * 1024 * 1024) -> None:
         self.params = params
         self.read_size = read_size
+        self._buf: bytearray | None = None
         self._cdc = FastCDC(
             params.avg_size, min_size=params.min_size, max_size=params.max_size, seed=params.seed
         )
@@ -40,17 +42,24 @@ class Chunker:
         for chunk in self._cdc.cut_stream(f):
             yield chunk.data
 
-    def fixed(self, f: io.RawIOBase, size: int) -> Iterator[memoryview]:
-        """Fixed-size chunks aligned to `size` from the start of the file."""
-        buf = bytearray(max(size, (self.read_size // size) * size))
-        view = memoryview(buf)
-        while True:
-            n = _fill(f, view)
+    def fixed(self, f: io.RawIOBase, size: int, limit: int = -1) -> Iterator[memoryview]:
+        """Fixed-size chunks of `size` from the current position (aligned if it is a multiple of `size`),
+        reading at most `limit` bytes (-1: to the end)."""
+        want_len = max(size, (self.read_size // size) * size)
+        if self._buf is None or len(self._buf) != want_len:
+            self._buf = bytearray(want_len)
+        view = memoryview(self._buf)
+        left = limit
+        while left != 0:
+            want = view if left < 0 else view[: min(len(view), left)]
+            n = _fill(f, want)
+            if left > 0:
+                left -= n
             if n == 0:
                 return
             for off in range(0, n, size):
                 yield view[off : min(off + size, n)]
-            if n < len(buf):
+            if n < len(want):
                 return
 
 

@@ -35,6 +35,9 @@ SMALL_FILE = 256 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 64
 INDEX_BLOBS_PER_OBJECT = 100_000
+SEGMENT = (
+    16 * 1024 * 1024
+)  # page files above this are read in segments, in parallel (a multiple of page_chunk)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class _FileJob:
     rel: str
     st: os.stat_result
     page: bool
+    offset: int = 0
+    length: int = -1  # bytes from offset; -1: to the end of the file
 
 
 @dataclass
@@ -224,6 +229,7 @@ class TreeSnapshot:
         self.stats.dirs += 1
         nodes: list[Node] = []
         jobs: list[_FileJob] = []
+        segmented: list[_FileJob] = []
         subdirs: list[tuple[bytes, str, os.stat_result]] = []
         for name, st in entries:
             child_rel = f"{rel}/{os.fsdecode(name)}" if rel else os.fsdecode(name)
@@ -257,7 +263,8 @@ class TreeSnapshot:
                     nodes.append(prev)
                 else:
                     full = os.path.join(path, os.fsdecode(name))
-                    jobs.append(_FileJob(full, child_rel, st, self.config.is_page_file(child_rel)))
+                    job = _FileJob(full, child_rel, st, self.config.is_page_file(child_rel))
+                    (segmented if job.page and st.st_size > SEGMENT else jobs).append(job)
             else:
                 self.warn(f"{child_rel}: special file (device, fifo or socket) skipped")
 
@@ -268,6 +275,7 @@ class TreeSnapshot:
             return _node(name, st, format.DIR, subtree=sub_id)
 
         results = await asyncio.gather(
+            *(self._segmented(job) for job in segmented),
             *(self._files(batch) for batch in _batches(jobs)),
             *(subdir(*s) for s in subdirs),
         )
@@ -292,6 +300,9 @@ class TreeSnapshot:
     async def _files(self, batch: list[_FileJob]) -> list[Node]:
         async with self._jobs:
             outs = await self._run(self._read_batch, batch)
+        return self._nodes(batch, outs)
+
+    def _nodes(self, batch: list[_FileJob], outs: list[_FileOut]) -> list[Node]:
         nodes = []
         for job, out in zip(batch, outs, strict=True):
             if out.error:
@@ -306,6 +317,32 @@ class TreeSnapshot:
             name = os.fsencode(os.path.basename(job.path))
             nodes.append(_node(name, out.st, format.FILE, content=out.content, changed=out.changed))
         return nodes
+
+    async def _segmented(self, job: _FileJob) -> list[Node]:
+        """A large page file, read as SEGMENT-sized ranges in parallel (page-aligned: same chunks)."""
+        size = job.st.st_size
+        segs = [
+            _FileJob(job.path, job.rel, job.st, True, off, -1 if off + SEGMENT >= size else SEGMENT)
+            for off in range(0, size, SEGMENT)
+        ]
+
+        async def one(seg: _FileJob) -> _FileOut:
+            async with self._jobs:
+                return await self._run(self._read_file, seg)
+
+        outs = await asyncio.gather(*(one(s) for s in segs))
+        for out in outs:
+            if out.error:
+                self._error(job.rel, out.error)
+                return []
+        last = outs[-1].st
+        assert last is not None
+        total = sum(o.bytes_read for o in outs)
+        changed = (
+            any(o.changed or o.st is None or not _same(o.st, last) for o in outs) or total != last.st_size
+        )
+        merged = _FileOut(tuple(c for o in outs for c in o.content), last, changed, "", total)
+        return self._nodes([job], [merged])
 
     def _error(self, rel: str, msg: str) -> None:
         self.stats.errors += 1
@@ -345,9 +382,13 @@ class TreeSnapshot:
                 return _FileOut(error="no longer a regular file")
             ids: list[bytes] = []
             total = 0
+            if job.offset:
+                os.lseek(fd, job.offset, os.SEEK_SET)
             with io.FileIO(fd, "rb", closefd=False) as f:
                 chunks = (
-                    self._chunker().fixed(f, self.config.page_chunk) if job.page else self._chunker().cdc(f)
+                    self._chunker().fixed(f, self.config.page_chunk, job.length)
+                    if job.page
+                    else self._chunker().cdc(f)
                 )
                 for data in chunks:
                     cid = self.id_fn(data)
@@ -360,7 +401,8 @@ class TreeSnapshot:
             return _FileOut(error=f"read failed: {exc.strerror}")
         finally:
             os.close(fd)
-        changed = not _same(before, after) or total != after.st_size
+        expected = after.st_size - job.offset if job.length < 0 else job.length
+        changed = not _same(before, after) or total != expected
         return _FileOut(tuple(ids), after, changed, "", total)
 
 

@@ -93,6 +93,7 @@ class WeedServer:
         self.ports = dict(zip(_PORTS, free_ports(len(_PORTS)), strict=True))
         self.proc: subprocess.Popen[bytes] | None = None
         self._terminating = False
+        self._launched = 0.0
         self.start_seconds: list[float] = []
         self._starts = starts
         self._client: Minio | None = None
@@ -151,14 +152,29 @@ class WeedServer:
 
     def start(self, timeout: float = START_TIMEOUT) -> float:
         """Start (or restart, on the same directory and ports); return once S3 reads and writes work."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (see `wait_ready`)."""
         if self.running:
             raise RuntimeError("weed server is already running")
-        began = time.monotonic()
+        self._launched = time.monotonic()
         self._terminating = False
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.args(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.args(),
+                cwd=self.workdir,
+                env={**os.environ, "TMPDIR": str(self.workdir)},  # glog's files, not in /tmp
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> float:
+        """Wait until S3 reads and writes work; the seconds since `launch`."""
+        assert self.proc is not None, "launch() first"
+        began = self._launched
         deadline = began + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -219,7 +235,8 @@ class WeedServer:
         if self._client is not None:
             self._client._http.clear()
             self._client = None
-        # weed also listens on /tmp/seaweedfs-<service>-grpc-<port>.sock and leaves them after SIGKILL
+        # weed listens on /tmp/seaweedfs-<service>-grpc-<port>.sock whatever TMPDIR says, and leaves
+        # them behind after SIGKILL
         for service, port in _GRPC_SOCKETS.items():
             Path(f"/tmp/seaweedfs-{service}-grpc-{self.ports[port]}.sock").unlink(missing_ok=True)
 
@@ -278,6 +295,15 @@ class WeedFactory:
         if start:
             server.start()
         return server
+
+    def many(self, n: int) -> list[WeedServer]:
+        """`n` servers started side by side (8.7 s for three on two cores, against 10 s one by one)."""
+        servers = [self(start=False) for _ in range(n)]
+        for server in servers:
+            server.launch()
+        for server in servers:
+            server.wait_ready()
+        return servers
 
     def close(self) -> None:
         """Stop every server, all within one grace period."""

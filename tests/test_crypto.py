@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -334,6 +335,26 @@ def test_slot_bound_to_its_id_and_intact() -> None:
     assert open_key_slot(salted, "passphrase", b"pw") is None
 
 
+def test_damaged_slots_open_nothing_and_do_not_block_the_others() -> None:
+    """Key slots are plaintext JSON at a site: a damaged or foreign one must not stop an unlock."""
+    master = new_master_key()
+    good = make_key_slot(Suite.AES_256_GCM, "good", master, "passphrase", b"pw", FAST)
+    damaged: list[Any] = [
+        {"kind": "passphrase"},
+        {**good, "suite": "rot13"},
+        {**good, "wrapped": "not base64!"},
+        {**good, "salt": None},
+        {**good, "kdf": "scrypt"},
+        {**good, "id": 5},
+        ["kind", "passphrase"],
+    ]
+    for slot in damaged:
+        assert open_key_slot(slot, "passphrase", b"pw") is None
+    assert unlock([*damaged, good], "passphrase", b"pw", "hr") == master
+    with pytest.raises(WrongKeyError):
+        unlock(damaged, "passphrase", b"pw", "hr")
+
+
 def test_slot_errors() -> None:
     master = new_master_key()
     with pytest.raises(CryptoError, match="empty passphrase"):
@@ -346,6 +367,19 @@ def test_slot_errors() -> None:
     short = make_key_slot(Suite.AES_256_GCM, "s", master[:32], "passphrase", b"pw", FAST)
     with pytest.raises(CryptoError, match="wrong length"):
         open_key_slot(short, "passphrase", b"pw")
+    with pytest.raises(CryptoError, match="at least"):
+        make_key_slot(Suite.AES_256_GCM, "s", master, "keyfile", b"too short")
+
+
+@pytest.mark.parametrize(
+    "kdf",
+    [{"n": 2**30}, {"n": 1000}, {"n": 2**4}, {"r": 10_000}, {"p": 0}, {"n": "1024"}, {"n": 2**20, "r": 32}],
+)
+def test_slot_with_costly_or_odd_scrypt_is_refused_before_deriving(kdf: dict[str, Any]) -> None:
+    """A slot is plaintext at a site: its scrypt cost is bounded before any memory is spent on it."""
+    slot = make_key_slot(Suite.AES_256_GCM, "s", new_master_key(), "passphrase", b"pw", FAST)
+    with pytest.raises(CryptoError, match="scrypt parameters"):
+        open_key_slot({**slot, "kdf": {**slot["kdf"], **kdf}}, "passphrase", b"pw")
 
 
 def test_new_master_keys() -> None:

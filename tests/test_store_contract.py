@@ -17,8 +17,10 @@ import pytest
 from drsvc.core.errors import ObjectNotFound, StoreError, TransientStoreError
 from drsvc.core.layout import Handle, Kind, Layout
 from drsvc.core.stores import ObjectInfo, ObjectStore, ReadStore
+from drsvc.core.stores.faults import FaultyStore
 from drsvc.core.stores.local import LocalStore
-from drsvc.core.stores.s3 import MULTIPART_PART_SIZE, S3Store
+from drsvc.core.stores.retry import RetryPolicy, RetryStore
+from drsvc.core.stores.s3 import MULTIPART_PART_SIZE
 
 MiB = 1024 * 1024
 
@@ -29,25 +31,28 @@ class StoreKit:
     leave_partial: Callable[[str], None]
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "wrapped"])
 async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreKit]:
-    store: LocalStore | S3Store
-    if request.param == "local":
-        store = LocalStore("local", tmp_path / "site")
+    """A store under test. "wrapped" is the local store inside the retry and fault wrappers (no faults)."""
+    store: ObjectStore
+    if request.param in ("local", "wrapped"):
+        local = LocalStore("local", tmp_path / "site")
+        store = local if request.param == "local" else RetryStore(FaultyStore(local), RetryPolicy(attempts=2))
 
         def leave_partial(key: str) -> None:
-            path = store.root / key
+            path = local.root / key
             path.parent.mkdir(parents=True, exist_ok=True)
             (path.parent / f".tmp-{os.urandom(8).hex()}").write_bytes(b"half an object")
 
     else:
         server = request.getfixturevalue("seaweed")
         bucket = request.getfixturevalue("s3_bucket")
-        store = server.s3_store(bucket, name="s3", prefix="/sites/s3/")
+        s3 = server.s3_store(bucket, name="s3", prefix="/sites/s3/")
+        store = s3
         client = server.client()
 
         def leave_partial(key: str) -> None:
-            name = store.prefix + key
+            name = s3.prefix + key
             upload_id = client._create_multipart_upload(bucket, name, {})
             client._upload_part(bucket, name, b"x" * (5 * MiB), None, upload_id, 1)
 

@@ -70,7 +70,7 @@ def _write_corpus(src: Path) -> None:
     rng = random.Random(7)
     (src / "text").mkdir(parents=True)
     for i in range(60):
-        (src / "text" / f"f{i}.txt").write_bytes(("line %d " % i).encode() * rng.randint(10, 3000))
+        (src / "text" / f"f{i}.txt").write_bytes(f"line {i} ".encode() * rng.randint(10, 3000))
     (src / "big.bin").write_bytes(rng.randbytes(3_000_000))
     (src / "pages.db").write_bytes(rng.randbytes(8192 * 400))
 
@@ -227,3 +227,62 @@ async def test_file_changing_during_read_is_detected(tmp_path: Path) -> None:
     assert len(calls) == 2  # read again once
     assert result.stats.changed_while_read == 0
     assert result.stats.files_read == 1
+
+
+async def test_large_page_file_is_read_in_segments_and_round_trips(tmp_path: Path) -> None:
+    from snapshot.tree import SEGMENT
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    page = 8192
+    size = 2 * SEGMENT + 5 * page + 100  # three segments, the last one short and not page-aligned
+    (src / "big.db").write_bytes(rng.randbytes(size))
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    try:
+        await app.snapshot("docs")
+        with open(src / "big.db", "r+b") as f:
+            for off in (page * 3, SEGMENT + page * 7, 2 * SEGMENT + page):  # one page in each segment
+                f.seek(off)
+                f.write(rng.randbytes(page))
+            f.seek(0, os.SEEK_END)
+            f.write(b"appended")
+        o = await app.snapshot("docs")
+        await app.restore("docs", tmp_path / "out", None)
+    finally:
+        await app.close()
+    assert (tmp_path / "out" / "big.db").read_bytes() == (src / "big.db").read_bytes()
+    # three changed 32 KiB chunks, the new tail, and the file's tree (33 bytes per chunk id): no segment again
+    tree = 34 * (size // (32 * 1024) + 2)
+    assert o.result.stats.bytes_stored < 4 * 32 * 1024 + 8192 + tree + 4096, o.result.stats
+    assert o.result.stats.blobs_new == 5  # four data chunks and one tree
+
+
+async def test_lost_spool_file_is_copied_from_a_site_that_has_it(tmp_path: Path) -> None:
+    from drsvc.core.errors import TransientStoreError
+    from drsvc.core.stores.faults import Fault, FaultyStore
+    from replicator import replicate
+
+    src = tmp_path / "src"
+    _write_corpus(src)
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a", "b"]), min_copies=1))
+    try:
+        healthy_b = app.store("b")
+        app._stores["b"] = FaultyStore(
+            healthy_b, [Fault("put", error=TransientStoreError("site down", site="b"))]
+        )
+        o = await app.snapshot("docs")
+        assert o.protection.holding == ("a",) and o.protection.lacking == ("b",)
+        spooled = [p for p in (app.config.state.dir / "spool").rglob("*") if p.is_file()]
+        assert spooled
+        for p in spooled:  # the state directory loses its spool
+            p.unlink()
+        app._stores["b"] = healthy_b
+        reports = await replicate(app.spool, [app.store("a"), healthy_b])
+        assert all(r.error is None for r in reports), reports
+        assert app.spool.outbox.backlog("b").objects == 0
+        r = await app.restore("docs", tmp_path / "out", None, site="b")
+        assert not r.fallbacks
+    finally:
+        await app.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)

@@ -127,8 +127,17 @@ class ChunkerConfig(_Model):
 
     @model_validator(mode="after")
     def _order(self) -> ChunkerConfig:
-        if not (64 <= self.min_size <= self.avg_size <= self.max_size <= 16 * 1024 * 1024):
-            raise ValueError("need 64 <= min_size <= avg_size <= max_size <= 16MiB")
+        # the bounds of pyfastcdc's FastCDC 2020
+        if not (
+            64 <= self.min_size <= 1024**2
+            and 256 <= self.avg_size <= 4 * 1024**2
+            and 1024 <= self.max_size <= 16 * 1024**2
+            and self.min_size <= self.avg_size <= self.max_size
+        ):
+            raise ValueError(
+                "need min_size in 64..1MiB, avg_size in 256..4MiB, max_size in 1KiB..16MiB, "
+                "and min_size <= avg_size <= max_size"
+            )
         return self
 
 
@@ -149,6 +158,7 @@ class LocalSiteConfig(_Model):
     type: Literal["local"]
     path: Path
     fsync: bool = True
+    concurrency: int = Field(default=4, ge=1, le=64)
 
 
 class S3SiteConfig(_Model):

@@ -342,15 +342,15 @@ def make_key_slot(
 
 def open_key_slot(slot: dict[str, Any], kind: str, secret: bytes) -> bytes | None:
     """The master key if `secret` opens this slot, None if it does not (a wrong passphrase or key file)."""
-    if slot.get("kind") != kind:
+    if not isinstance(slot, dict) or slot.get("kind") != kind:
         return None
-    suite = Suite(slot["suite"])
-    wrapped = _unb64(slot["wrapped"])
-    aead = suite.aead(_wrapping_key(suite, slot, secret))
     try:
+        suite = Suite(slot["suite"])
+        wrapped = _unb64(slot["wrapped"])
+        aead = suite.aead(_wrapping_key(suite, slot, secret))
         master = aead.decrypt(wrapped[:NONCE_LEN], wrapped[NONCE_LEN:], b"keyslot" + slot["id"].encode())
-    except InvalidTag:
-        return None
+    except (InvalidTag, KeyError, TypeError, ValueError, AttributeError):
+        return None  # a damaged or foreign slot file opens nothing; the other slots are still tried
     if len(master) != MASTER_KEY_LEN:
         raise CryptoError("key slot holds a key of the wrong length", slot=slot["id"])
     return master

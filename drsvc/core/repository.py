@@ -124,7 +124,7 @@ def _canonical(body: dict[str, Any]) -> bytes:
 
 
 def new_id() -> str:
-    """A unique object name: 128 random bits, hex."""
+    """A unique object name: 192 random bits (a random UUID and 8 more random bytes), 48 hex digits."""
     return uuid.uuid4().hex + os.urandom(8).hex()
 
 
@@ -275,7 +275,7 @@ class Repository:
                 data = await store.get(key, offset, length)
                 self.report.requests += 1
                 self.report.bytes_fetched += len(data)
-                result = await asyncio.to_thread(decode, data) if len(data) > 65536 else decode(data)
+                result = await asyncio.to_thread(decode, data)  # never on the event loop
             except (StoreError, IntegrityError) as exc:
                 failures.append((store.name, exc))
                 fb = Fallback(store.name, key, exc.message)

@@ -7,7 +7,7 @@ before ``put`` returns. The file goes when every target site holds the object (`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from drsvc.core.durable import write_file
@@ -25,6 +25,7 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(state_dir / "outbox.db")
         self.quota = quota
+        self._listeners: list[Callable[[], None]] = []
 
     def path(self, key: str) -> Path:
         return self.dir / key
@@ -34,7 +35,15 @@ class Spool:
         path = self.path(key)
         if not path.exists():
             write_file(path, data)
-        return self.outbox.add(key, tenant, len(data), sites, barrier)
+        seq = self.outbox.add(key, tenant, len(data), sites, barrier)
+        for listener in list(self._listeners):
+            listener()
+        return seq
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the writing thread) after each put; returns the unsubscribe function."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
 
     def read(self, key: str) -> bytes:
         try:
