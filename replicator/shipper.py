@@ -41,13 +41,14 @@ class Shipper:
 
     async def _ship_one(self, p: Pending) -> int:
         try:
-            data = await asyncio.to_thread(self.spool.read, p.key)
-        except ObjectNotFound:
-            data = await self._from_peer(p.key)
-        await self.store.put(p.key, data)
+            await self.store.put_file(p.key, self.spool.path(p.key))  # streamed: no object held in memory
+        except ObjectNotFound as exc:
+            if exc.fields.get("site") != self.site or "source file" not in exc.message:
+                raise
+            await self.store.put(p.key, await self._from_peer(p.key))
         if await asyncio.to_thread(self.spool.outbox.ack, p.seq, self.site):
             await asyncio.to_thread(self.spool.shipped, p.seq, p.key)
-        return len(data)
+        return p.size
 
     async def _from_peer(self, key: str) -> bytes:
         """The spool lost this object (a damaged state directory): copy it from a site that has it."""

@@ -158,7 +158,11 @@ class TreeSnapshot:
             raise SnapshotError("the source's path is not a directory", source=self.source, path=root)
         self._root_dev = st.st_dev
         parent_root = await self._parent_nodes(self.parent.tree) if self.parent else None
-        root_id = await self._dir(root, "", parent_root)
+        try:
+            root_id = await self._dir(root, "", parent_root)
+        except BaseException:
+            await asyncio.shield(self._run(self.packer.abort))  # no half-written pack stays in the spool
+            raise
         await self._run(self.packer.flush)
         index_names = await self._run(self._write_indexes)
         self.stats.blobs_new = self.packer.blobs_written

@@ -215,3 +215,22 @@ async def test_concurrent_requests(kit: StoreKit) -> None:
     got = await asyncio.gather(*(kit.store.get(k) for k in blobs))
     assert got == list(blobs.values())
     assert await listed(kit.store, "t/data/") == {k: len(v) for k, v in blobs.items()}
+
+
+@pytest.mark.parametrize("size", [0, 1000, MULTIPART_PART_SIZE + 3 * MiB])
+async def test_put_file_streams_a_local_file(kit: StoreKit, tmp_path: Path, size: int) -> None:
+    src = tmp_path / "spooled"
+    data = os.urandom(size)
+    src.write_bytes(data)
+    await kit.store.put_file("t/data/cd/fromfile", src)
+    assert await kit.store.stat("t/data/cd/fromfile") == ObjectInfo("t/data/cd/fromfile", size)
+    assert await kit.store.get("t/data/cd/fromfile") == data
+    src.unlink()  # the stored object does not depend on the source file (a hard link survives its unlink)
+    assert await kit.store.get("t/data/cd/fromfile") == data
+
+
+async def test_put_file_of_a_missing_file_is_not_found(kit: StoreKit, tmp_path: Path) -> None:
+    with pytest.raises(ObjectNotFound) as info:
+        await kit.store.put_file("t/data/cd/nothing", tmp_path / "gone")
+    assert "source file is missing" in info.value.message
+    assert await kit.store.stat("t/data/cd/nothing") is None

@@ -7,7 +7,7 @@ Decoders treat their input as hostile: anything malformed raises IntegrityError 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,19 +93,26 @@ class BlobEntry:
 
 
 class PackWriter:
-    """Builds one pack in memory: sealed blobs back to back, then the sealed header and its length."""
+    """Builds one pack: sealed blobs back to back, then the sealed header and its length.
 
-    def __init__(self, keys: Keys, name: str) -> None:
+    With a `sink`, every piece goes to it as soon as it is sealed (the pack is never held in memory) and
+    ``finish`` returns b""; without one, ``finish`` returns the whole pack.
+    """
+
+    def __init__(self, keys: Keys, name: str, sink: Callable[[bytes], object] | None = None) -> None:
         self.name = name
         self.cipher = PackCipher(keys)
-        self._parts: list[bytes] = [self.cipher.header()]
-        self.size = len(self._parts[0])
+        self._parts: list[bytes] = []
+        self._sink = sink if sink is not None else self._parts.append
+        header = self.cipher.header()
+        self._sink(header)
+        self.size = len(header)
         self.entries: list[BlobEntry] = []
 
     def add(self, btype: BlobType, blob_id: bytes, payload: bytes, raw_length: int) -> BlobEntry:
         sealed = self.cipher.seal_blob(len(self.entries) + 1, btype, blob_id, payload)
         entry = BlobEntry(btype, blob_id, self.size, len(sealed), raw_length)
-        self._parts.append(sealed)
+        self._sink(sealed)
         self.size += len(sealed)
         self.entries.append(entry)
         return entry
@@ -113,7 +120,7 @@ class PackWriter:
     def add_sealed(self, btype: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> BlobEntry:
         """Append a blob sealed elsewhere with ``cipher.seal_blob(counter=len(entries) + 1, ...)``."""
         entry = BlobEntry(btype, blob_id, self.size, len(sealed), raw_length)
-        self._parts.append(sealed)
+        self._sink(sealed)
         self.size += len(sealed)
         self.entries.append(entry)
         return entry
@@ -121,7 +128,9 @@ class PackWriter:
     def finish(self) -> bytes:
         header = msgpack.packb([FORMAT, [e.to_wire() for e in self.entries]])
         sealed = self.cipher.seal_header(self.name, header)
-        self._parts += [sealed, TRAILER.pack(len(sealed))]
+        self._sink(sealed)
+        self._sink(TRAILER.pack(len(sealed)))
+        self.size += len(sealed) + TRAILER.size
         return b"".join(self._parts)
 
 

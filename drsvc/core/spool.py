@@ -7,10 +7,12 @@ before ``put`` returns. The file goes when every target site holds the object (`
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from drsvc.core.durable import write_file
+from drsvc.core.durable import TMP_PREFIX, fsync_dir, make_dirs, write_file
 from drsvc.core.errors import DRError, ObjectNotFound
 from drsvc.core.outbox import Outbox
 
@@ -35,7 +37,14 @@ class Spool:
         path = self.path(key)
         if not path.exists():
             write_file(path, data)
-        seq = self.outbox.add(key, tenant, len(data), sites, barrier)
+        return self._committed(key, len(data), tenant, sites, barrier)
+
+    def begin(self, key: str) -> SpoolWriter:
+        """Start writing an object piece by piece (a pack); nothing is visible before ``commit``."""
+        return SpoolWriter(self, key)
+
+    def _committed(self, key: str, size: int, tenant: str, sites: Sequence[str], barrier: bool) -> int:
+        seq = self.outbox.add(key, tenant, size, sites, barrier)
         for listener in list(self._listeners):
             listener()
         return seq
@@ -66,3 +75,38 @@ class Spool:
 
     def close(self) -> None:
         self.outbox.close()
+
+
+class SpoolWriter:
+    """An object being written into the spool: a temporary file, fsync'd and renamed by ``commit``."""
+
+    def __init__(self, spool: Spool, key: str) -> None:
+        self.spool = spool
+        self.key = key
+        self.path = spool.path(key)
+        make_dirs(self.path.parent)
+        self.tmp = self.path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += len(data)
+
+    def commit(self, tenant: str, sites: Sequence[str], barrier: bool = False) -> int:
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self.spool._committed(self.key, self.size, tenant, sites, barrier)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)

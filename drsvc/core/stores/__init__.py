@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 
@@ -45,6 +46,10 @@ class ReadStore(Protocol):
 class ObjectStore(ReadStore, Protocol):
     async def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, durably, before returning. All or nothing: no partial object."""
+        ...
+
+    async def put_file(self, key: str, path: Path) -> None:
+        """Store the contents of the local file `path` (which must not change) like ``put``, streaming it."""
         ...
 
     async def delete(self, key: str) -> None:

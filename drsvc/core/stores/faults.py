@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from drsvc.core.errors import StoreError
 from drsvc.core.stores import ObjectInfo, ObjectStore
@@ -44,6 +45,10 @@ class FaultyStore:
     async def put(self, key: str, data: bytes) -> None:
         self._check("put", key)
         await self.inner.put(key, data)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        self._check("put", key)
+        await self.inner.put_file(key, path)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         fault = self._check("get", key)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import stat
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from drsvc.core.durable import TMP_PREFIX, write_file
+from drsvc.core.durable import TMP_PREFIX, fsync_dir, make_dirs, write_file
 from drsvc.core.errors import ObjectNotFound, StoreError, TransientStoreError
 from drsvc.core.stores import ObjectInfo
 
@@ -49,6 +51,32 @@ class LocalStore:
     def _put(self, key: str, data: bytes) -> None:
         try:
             write_file(self._path(key), data, self.fsync)
+        except OSError as exc:
+            raise self._error(exc, key, "write") from exc
+
+    def _put_file(self, key: str, src: Path) -> None:
+        """A hard link on the same file system (objects are immutable, so sharing is safe), else a copy."""
+        path = self._path(key)
+        try:
+            make_dirs(path.parent, self.fsync)
+            tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                    shutil.copyfileobj(fin, fout, 4 * 1024 * 1024)
+                    fout.flush()
+                    if self.fsync:
+                        os.fsync(fout.fileno())
+            os.replace(tmp, path)
+            if self.fsync:
+                fsync_dir(path.parent)
+        except FileNotFoundError as exc:
+            if exc.filename == str(src) or exc.filename == src:
+                raise ObjectNotFound("source file is missing", site=self.name, key=key) from None
+            raise self._error(exc, key, "write") from exc
         except OSError as exc:
             raise self._error(exc, key, "write") from exc
 
@@ -107,6 +135,9 @@ class LocalStore:
     # -- protocol ---------------------------------------------------------------------------------
     async def put(self, key: str, data: bytes) -> None:
         await self._run(self._put, key, data)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        await self._run(self._put_file, key, path)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         data: bytes = await self._run(self._get, key, offset, length)

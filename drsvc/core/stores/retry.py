@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from tenacity import (
@@ -53,6 +54,9 @@ class RetryStore:
 
     async def put(self, key: str, data: bytes) -> None:
         await self._call(lambda: self.inner.put(key, data))
+
+    async def put_file(self, key: str, path: Path) -> None:
+        await self._call(lambda: self.inner.put_file(key, path))
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return await self._call(lambda: self.inner.get(key, offset, length))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
@@ -143,6 +145,27 @@ class S3Store:
                 num_parallel_uploads=1,
             ),
         )
+
+    async def put_file(self, key: str, path: Path) -> None:
+        await self._ensure_bucket()
+
+        def upload() -> None:
+            try:
+                f = open(path, "rb")  # closed by the with below
+            except FileNotFoundError:
+                raise ObjectNotFound("source file is missing", site=self.name, key=key) from None
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                self._client.put_object(
+                    self.bucket,
+                    self._full(key),
+                    f,
+                    size,
+                    part_size=MULTIPART_PART_SIZE,
+                    num_parallel_uploads=1,
+                )
+
+        await self._run(key, "put", upload)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         if length == 0:
