@@ -84,7 +84,7 @@ async def restore_tree(
     target: Path,
     at_ns: int | None = None,
     progress: Callable[[Progress], None] | None = None,
-    concurrency: int = 8,
+    concurrency: int = 4,
 ) -> RestoreResult:
     started = time.monotonic()
     target = await asyncio.to_thread(target.absolute)

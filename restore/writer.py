@@ -20,7 +20,7 @@ from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import BlobLocation, Repository
 from restore.plan import Plan
 
-RANGE_MAX = 4 * 1024 * 1024
+RANGE_MAX = 2 * 1024 * 1024
 RANGE_GAP = 64 * 1024
 
 

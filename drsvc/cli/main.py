@@ -18,6 +18,7 @@ from drsvc.core.errors import (
     RestoreError,
     TransientStoreError,
 )
+from drsvc.memory import tune_allocator
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     handler: Handler = args.handler
     try:
         return asyncio.run(handler(args))
