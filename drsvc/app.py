@@ -40,7 +40,9 @@ class App:
         self.config = config
         self._stores: dict[str, ObjectStore] = {}
         self._spool: Spool | None = None
-        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="data")
+        self._workers: snapshot.WorkerPool | None = None
+        self.worker_count = workers or os.cpu_count() or 2
+        self.pool = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="data")
 
     async def __aenter__(self) -> App:
         return self
@@ -56,6 +58,8 @@ class App:
         self._stores.clear()
         if self._spool is not None:
             self._spool.close()
+        if self._workers is not None:
+            self._workers.close()
         self.pool.shutdown(wait=True)
 
     # -- resources --------------------------------------------------------------------------------
@@ -71,6 +75,13 @@ class App:
         if self._spool is None:
             self._spool = Spool(self.config.state.dir, self.config.state.spool_quota)
         return self._spool
+
+    @property
+    def workers(self) -> snapshot.WorkerPool:
+        """The data worker processes, started on first use and kept for later snapshots."""
+        if self._workers is None:
+            self._workers = snapshot.WorkerPool(self.worker_count)
+        return self._workers
 
     @property
     def cache_dir(self) -> Path:
@@ -127,13 +138,15 @@ class App:
         started = loop.time()
         sc = self.config.source(source)
         stores = [self.store(n) for n in sc.sites]
+        warming = asyncio.ensure_future(self.workers.warm())
         repo = await self.open_repo(sc.tenant)
+        await warming
         done = asyncio.Event()
         limits = {n: self.config.sites[n].concurrency for n in sc.sites}
         shipping = asyncio.ensure_future(replicator.replicate(self.spool, stores, limits, done=done))
         try:
             result = await snapshot.take_snapshot(
-                source, sc, repo, self.spool, stores, self.cache_dir, self.pool, progress
+                source, sc, repo, self.spool, stores, self.cache_dir, self.pool, self.workers, progress
             )
         finally:
             done.set()

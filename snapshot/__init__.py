@@ -27,8 +27,9 @@ from drsvc.core.stores import ReadStore
 from snapshot.dedup import DedupIndex
 from snapshot.parents import find_parent, save_parent
 from snapshot.tree import Progress, SnapshotResult, Stats, TreeSnapshot
+from snapshot.workers import WorkerPool
 
-__all__ = ["SnapshotResult", "Stats", "take_snapshot"]
+__all__ = ["SnapshotResult", "Stats", "WorkerPool", "take_snapshot"]
 
 
 async def take_snapshot(
@@ -39,6 +40,7 @@ async def take_snapshot(
     sites: Sequence[ReadStore],
     cache_dir: Path,
     pool: ThreadPoolExecutor,
+    workers: WorkerPool,
     progress: Progress | None = None,
 ) -> SnapshotResult:
     """Snapshot one tree source into the spool. The caller ships it (``replicator``)."""
@@ -54,6 +56,7 @@ async def take_snapshot(
         spool,
         dedup,
         pool,
+        workers,
         parent=parent.record if parent else None,
         parent_trees=parent,
         progress=progress,

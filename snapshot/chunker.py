@@ -33,14 +33,48 @@ class Chunker:
         self.params = params
         self.read_size = read_size
         self._buf: bytearray | None = None
+        self._cdc_buf: bytearray | None = None
         self._cdc = FastCDC(
             params.avg_size, min_size=params.min_size, max_size=params.max_size, seed=params.seed
         )
 
     def cdc(self, f: io.RawIOBase) -> Iterator[memoryview]:
-        """Content-defined chunks; each view is valid only until the next one is taken."""
-        for chunk in self._cdc.cut_stream(f):
-            yield chunk.data
+        """Content-defined chunks; each view is valid only until the next one is taken.
+
+        The same cut points as pyfastcdc's ``cut_stream``, but over one reused window per thread:
+        ``cut_stream`` allocates (and zeroes) a buffer of twice the maximum chunk size per file, with the GIL
+        held, which made small files cost more than their data. A cut starting at `s` depends only on
+        [s, s + max_size), so a chunk is final once that much is in the window or the file has ended; the
+        unfinished tail moves to the front of the window and the cut resumes there.
+        """
+        window = self._window()
+        view = memoryview(window)
+        max_size = self.params.max_size
+        filled = 0
+        eof = False
+        while True:
+            if not eof:
+                n = _fill(f, view[filled:])
+                filled += n
+                eof = filled < len(window)
+            if filled == 0:
+                return
+            start = 0
+            for chunk in self._cdc.cut_buf(view[:filled]):
+                if not eof and chunk.offset + max_size > filled:
+                    break  # not enough data after this point to know its cut: read more first
+                yield chunk.data
+                start = chunk.offset + chunk.length
+            if eof and start >= filled:
+                return
+            view[: filled - start] = view[start:filled]
+            filled -= start
+
+    def _window(self) -> bytearray:
+        size = max(self.read_size, 4 * self.params.max_size)
+        if self._cdc_buf is None:
+            self._cdc_buf = bytearray(size)
+        return self._cdc_buf
 
     def fixed(self, f: io.RawIOBase, size: int, limit: int = -1) -> Iterator[memoryview]:
         """Fixed-size chunks of `size` from the current position (aligned if it is a multiple of `size`),

@@ -35,6 +35,10 @@ class DedupIndex:
             self._known.add(blob_id)
             return True
 
+    def frozen(self) -> frozenset[bytes]:
+        with self._lock:
+            return frozenset(self._known)
+
     def __contains__(self, blob_id: bytes) -> bool:
         return blob_id in self._known
 

@@ -1,14 +1,13 @@
 """The `tree` source: a directory tree, snapshotted into trees and chunks.
 
-See ``snapshot/__init__.py`` for the algorithm. The event loop only walks and schedules; reading, chunking,
-hashing, compressing and sealing run in the worker pool.
+See ``snapshot/__init__.py`` for the algorithm. The event loop only walks and schedules: reading, chunking,
+hashing, compressing and sealing file data run in the worker processes (``snapshot.workers``); directory
+listing and tree blobs run in the thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import io
 import os
 import socket
 import stat
@@ -25,9 +24,10 @@ from drsvc.core.format import Node, SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import Repository, new_id, now_ns
 from drsvc.core.spool import Spool
-from snapshot.chunker import Chunker, ChunkParams
 from snapshot.dedup import DedupIndex
 from snapshot.packer import Packer
+from snapshot.reader import FileJob, FileOut, same_stat
+from snapshot.workers import WorkerContext, WorkerPool, routed_batches
 
 T = TypeVar("T")
 
@@ -35,9 +35,8 @@ SMALL_FILE = 256 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 64
 INDEX_BLOBS_PER_OBJECT = 100_000
-SEGMENT = (
-    16 * 1024 * 1024
-)  # page files above this are read in segments, in parallel (a multiple of page_chunk)
+# page files above this are read in segments, in parallel (a multiple of page_chunk)
+SEGMENT = 16 * 1024 * 1024
 
 
 @dataclass
@@ -70,34 +69,6 @@ class SnapshotResult:
 Progress = Callable[[Stats], None]
 
 
-@dataclass
-class _FileJob:
-    path: str
-    rel: str
-    st: os.stat_result
-    page: bool
-    offset: int = 0
-    length: int = -1  # bytes from offset; -1: to the end of the file
-
-
-@dataclass
-class _FileOut:
-    content: tuple[bytes, ...] = ()
-    st: os.stat_result | None = None
-    changed: bool = False
-    error: str = ""
-    bytes_read: int = 0
-
-
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
-        b.st_size,
-        b.st_mtime_ns,
-        b.st_ctime_ns,
-        b.st_ino,
-    )
-
-
 class TreeSnapshot:
     """One snapshot of one tree source. Create, ``await run()``, read the result."""
 
@@ -109,6 +80,7 @@ class TreeSnapshot:
         spool: Spool,
         dedup: DedupIndex,
         pool: ThreadPoolExecutor,
+        workers: WorkerPool,
         parent: SnapshotRecord | None = None,
         parent_trees: Callable[[bytes], Awaitable[list[Node]]] | None = None,
         progress: Progress | None = None,
@@ -119,6 +91,7 @@ class TreeSnapshot:
         self.spool = spool
         self.dedup = dedup
         self.pool = pool
+        self.workers = workers
         self.parent = parent
         self.parent_trees = parent_trees
         self.progress = progress
@@ -126,11 +99,11 @@ class TreeSnapshot:
         self.warnings: list[str] = []
         self.id_fn = repo.keys.content_id_function()
         p = repo.params
-        self.chunk_params = ChunkParams(p.chunk_min, p.chunk_avg, p.chunk_max, repo.keys.chunker_seed)
         self.sites = list(config.sites)
+        # tree blobs only: file data is packed by the worker processes
         self.packer = Packer(repo.keys, repo.layout, spool, self.sites, p.pack_size, p.compression_level)
-        self._chunkers: dict[int, Chunker] = {}
-        self._jobs = asyncio.Semaphore(max(2, (pool._max_workers or 2) * 2))
+        # two batches in flight per worker: one running, one waiting in its pipe
+        self._jobs = [asyncio.Semaphore(2) for _ in range(workers.size)]
         self._dirs = asyncio.Semaphore(8)
         self._root_dev = 0
         self.trees: dict[bytes, bytes] = {}  # tree id -> encoded tree, for the local parent cache
@@ -158,15 +131,29 @@ class TreeSnapshot:
             raise SnapshotError("the source's path is not a directory", source=self.source, path=root)
         self._root_dev = st.st_dev
         parent_root = await self._parent_nodes(self.parent.tree) if self.parent else None
+        await self.workers.begin(
+            WorkerContext(
+                self.repo.tenant,
+                self.repo.keys,
+                self.repo.params,
+                self.spool.state_dir,
+                tuple(self.sites),
+                self.config.page_chunk,
+                self.dedup.frozen(),
+            )
+        )
         try:
             root_id = await self._dir(root, "", parent_root)
-        except BaseException:
-            await asyncio.shield(self._run(self.packer.abort))  # no half-written pack stays in the spool
+            totals = await self.workers.finish()
+        except BaseException:  # no half-written pack stays in the spool
+            await asyncio.shield(asyncio.gather(self._run(self.packer.abort), self.workers.abort()))
             raise
         await self._run(self.packer.flush)
-        index_names = await self._run(self._write_indexes)
-        self.stats.blobs_new = self.packer.blobs_written
-        self.stats.bytes_stored = self.packer.bytes_written
+        packs = [*totals.packs, *self.packer.packs]
+        index_names = await self._run(self._write_indexes, packs)
+        self.spool.notify()  # the workers' packs were committed in other processes
+        self.stats.blobs_new = self.packer.blobs_written + totals.blobs_written
+        self.stats.bytes_stored = self.packer.bytes_written + totals.bytes_written
         record = SnapshotRecord(
             id=new_id(),
             tenant=self.repo.tenant,
@@ -189,9 +176,8 @@ class TreeSnapshot:
         await self._run(self.spool.put, key, sealed, self.repo.tenant, self.sites, True)
         return SnapshotResult(record, key, sealed, self.stats, self.warnings)
 
-    def _write_indexes(self) -> list[str]:
+    def _write_indexes(self, packs: list[format.PackIndex]) -> list[str]:
         names = []
-        packs = self.packer.packs
         batch: list[format.PackIndex] = []
         count = 0
         for p in [*packs, None]:
@@ -232,8 +218,8 @@ class TreeSnapshot:
             self.stats.errors += 1
         self.stats.dirs += 1
         nodes: list[Node] = []
-        jobs: list[_FileJob] = []
-        segmented: list[_FileJob] = []
+        jobs: list[FileJob] = []
+        segmented: list[FileJob] = []
         subdirs: list[tuple[bytes, str, os.stat_result]] = []
         for name, st in entries:
             child_rel = f"{rel}/{os.fsdecode(name)}" if rel else os.fsdecode(name)
@@ -267,7 +253,7 @@ class TreeSnapshot:
                     nodes.append(prev)
                 else:
                     full = os.path.join(path, os.fsdecode(name))
-                    job = _FileJob(full, child_rel, st, self.config.is_page_file(child_rel))
+                    job = FileJob(full, child_rel, st, self.config.is_page_file(child_rel))
                     (segmented if job.page and st.st_size > SEGMENT else jobs).append(job)
             else:
                 self.warn(f"{child_rel}: special file (device, fifo or socket) skipped")
@@ -278,9 +264,10 @@ class TreeSnapshot:
             sub_id = await self._dir(os.path.join(path, os.fsdecode(name)), child_rel, sub_parent)
             return _node(name, st, format.DIR, subtree=sub_id)
 
+        batches = routed_batches(jobs, self.workers.route, SMALL_FILE, BATCH_BYTES, BATCH_FILES)
         results = await asyncio.gather(
             *(self._segmented(job) for job in segmented),
-            *(self._files(batch) for batch in _batches(jobs)),
+            *(self._files(w, batch) for w, batch in batches),
             *(subdir(*s) for s in subdirs),
         )
         for r in results:
@@ -301,12 +288,13 @@ class TreeSnapshot:
         return tid
 
     # -- files ------------------------------------------------------------------------------------
-    async def _files(self, batch: list[_FileJob]) -> list[Node]:
-        async with self._jobs:
-            outs = await self._run(self._read_batch, batch)
+    async def _files(self, worker: int, batch: list[FileJob]) -> list[Node]:
+        async with self._jobs[worker]:
+            outs = await self.workers.read(worker, batch)
+        self.spool.notify()  # a worker may have committed packs: wake the shippers
         return self._nodes(batch, outs)
 
-    def _nodes(self, batch: list[_FileJob], outs: list[_FileOut]) -> list[Node]:
+    def _nodes(self, batch: list[FileJob], outs: list[FileOut]) -> list[Node]:
         nodes = []
         for job, out in zip(batch, outs, strict=True):
             if out.error:
@@ -322,17 +310,20 @@ class TreeSnapshot:
             nodes.append(_node(name, out.st, format.FILE, content=out.content, changed=out.changed))
         return nodes
 
-    async def _segmented(self, job: _FileJob) -> list[Node]:
+    async def _segmented(self, job: FileJob) -> list[Node]:
         """A large page file, read as SEGMENT-sized ranges in parallel (page-aligned: same chunks)."""
         size = job.st.st_size
         segs = [
-            _FileJob(job.path, job.rel, job.st, True, off, -1 if off + SEGMENT >= size else SEGMENT)
+            FileJob(job.path, job.rel, job.st, True, off, -1 if off + SEGMENT >= size else SEGMENT)
             for off in range(0, size, SEGMENT)
         ]
 
-        async def one(seg: _FileJob) -> _FileOut:
-            async with self._jobs:
-                return await self._run(self._read_file, seg)
+        async def one(seg: FileJob) -> FileOut:
+            worker = self.workers.route(seg)
+            async with self._jobs[worker]:
+                (out,) = await self.workers.read(worker, [seg])
+            self.spool.notify()
+            return out
 
         outs = await asyncio.gather(*(one(s) for s in segs))
         for out in outs:
@@ -343,81 +334,14 @@ class TreeSnapshot:
         assert last is not None
         total = sum(o.bytes_read for o in outs)
         changed = (
-            any(o.changed or o.st is None or not _same(o.st, last) for o in outs) or total != last.st_size
+            any(o.changed or o.st is None or not same_stat(o.st, last) for o in outs) or total != last.st_size
         )
-        merged = _FileOut(tuple(c for o in outs for c in o.content), last, changed, "", total)
+        merged = FileOut(tuple(c for o in outs for c in o.content), last, changed, "", total)
         return self._nodes([job], [merged])
 
     def _error(self, rel: str, msg: str) -> None:
         self.stats.errors += 1
         self.warn(f"{rel}: {msg}; left out of the snapshot")
-
-    def _chunker(self) -> Chunker:
-        import threading
-
-        tid = threading.get_ident()
-        c = self._chunkers.get(tid)
-        if c is None:
-            c = self._chunkers[tid] = Chunker(self.chunk_params)
-        return c
-
-    def _read_batch(self, batch: list[_FileJob]) -> list[_FileOut]:
-        return [self._read_file(job) for job in batch]
-
-    def _read_file(self, job: _FileJob) -> _FileOut:
-        """Chunk and store one file; read it again once if it changed meanwhile."""
-        out = _FileOut()
-        for _attempt in range(2):
-            out = self._read_once(job)
-            if out.error or not out.changed:
-                return out
-        return out
-
-    def _read_once(self, job: _FileJob) -> _FileOut:
-        try:
-            fd = _open_nofollow(job.path)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return _FileOut(error="replaced by a symlink while scanning")
-            return _FileOut(error=f"cannot open: {exc.strerror}")
-        try:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode):
-                return _FileOut(error="no longer a regular file")
-            ids: list[bytes] = []
-            total = 0
-            if job.offset:
-                os.lseek(fd, job.offset, os.SEEK_SET)
-            with io.FileIO(fd, "rb", closefd=False) as f:
-                chunks = (
-                    self._chunker().fixed(f, self.config.page_chunk, job.length)
-                    if job.page
-                    else self._chunker().cdc(f)
-                )
-                for data in chunks:
-                    cid = self.id_fn(data)
-                    ids.append(cid)
-                    total += len(data)
-                    if self.dedup.claim(cid):
-                        self.packer.add(BlobType.DATA, cid, data)
-            after = os.fstat(fd)
-        except OSError as exc:
-            return _FileOut(error=f"read failed: {exc.strerror}")
-        finally:
-            os.close(fd)
-        expected = after.st_size - job.offset if job.length < 0 else job.length
-        changed = not _same(before, after) or total != expected
-        return _FileOut(tuple(ids), after, changed, "", total)
-
-
-def _open_nofollow(path: str) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
-    try:
-        return os.open(path, flags)
-    except PermissionError:
-        if flags & getattr(os, "O_NOATIME", 0):  # O_NOATIME needs ownership; try without it
-            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        raise
 
 
 def _scan(path: str) -> tuple[list[tuple[bytes, os.stat_result]], str]:
@@ -468,22 +392,3 @@ def _node(
         target=target,
         changed=changed,
     )
-
-
-def _batches(jobs: list[_FileJob]) -> list[list[_FileJob]]:
-    """Small files travel in batches (one pool round trip each); large files alone."""
-    out: list[list[_FileJob]] = []
-    cur: list[_FileJob] = []
-    size = 0
-    for j in jobs:
-        if j.st.st_size >= SMALL_FILE:
-            out.append([j])
-            continue
-        cur.append(j)
-        size += j.st.st_size
-        if len(cur) >= BATCH_FILES or size >= BATCH_BYTES:
-            out.append(cur)
-            cur, size = [], 0
-    if cur:
-        out.append(cur)
-    return out

@@ -195,38 +195,54 @@ def test_unreadable_file_gives_warning_and_partial_snapshot() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def test_file_changing_during_read_is_detected(tmp_path: Path) -> None:
-    from snapshot.tree import TreeSnapshot, _FileJob
+def test_file_changing_during_read_is_read_again_then_marked(tmp_path: Path) -> None:
+    """FileReader re-reads a file whose stat changed while it was read, once; then it reports it changed."""
+    from drsvc.core.crypto import Keys, Suite, new_master_key
+    from snapshot.chunker import ChunkParams
+    from snapshot.reader import FileJob, FileOut, FileReader
 
-    src = tmp_path / "src"
-    src.mkdir()
-    victim = src / "grows.log"
+    victim = tmp_path / "grows.log"
     victim.write_bytes(b"x" * 300_000)
-    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
-    try:
-        repo = await app.open_repo("fin")
-        from snapshot.dedup import DedupIndex
+    keys = Keys(Suite.AES_256_GCM, os.urandom(16), new_master_key())
+    stored: list[bytes] = []
 
-        snap = TreeSnapshot("docs", app.config.source("docs"), repo, app.spool, DedupIndex(), app.pool)
-        original = snap._read_once
-        calls = []
+    class Sink:  # stands in for the packer: records what would be stored
+        def add(self, btype: object, cid: bytes, data: memoryview) -> None:
+            stored.append(cid)
 
-        def mutate_then_read(job: _FileJob):  # type: ignore[no-untyped-def]
-            out = original(job)
-            calls.append(out.changed)
-            if len(calls) == 1:  # the file changes during the first read: simulate by appending after it
+    class GrowingReader(FileReader):
+        """Appends to the file during each of the first `grow` reads."""
+
+        grow = 1
+        reads = 0
+
+        def read_once(self, job: FileJob) -> FileOut:
+            out = super().read_once(job)
+            self.reads += 1
+            if self.reads <= self.grow:
                 with open(victim, "ab") as f:
                     f.write(b"more")
                 out.changed = True
             return out
 
-        snap._read_once = mutate_then_read  # type: ignore[method-assign]
-        result = await snap.run()
-    finally:
-        await app.close()
-    assert len(calls) == 2  # read again once
-    assert result.stats.changed_while_read == 0
-    assert result.stats.files_read == 1
+    def reader(grow: int) -> GrowingReader:
+        r = GrowingReader(
+            ChunkParams(16384, 65536, 262144, keys.chunker_seed),
+            32768,
+            keys.content_id_function(),
+            lambda cid: True,
+            Sink(),
+        )  # type: ignore[arg-type]
+        r.grow = grow
+        return r
+
+    job = FileJob(str(victim), "grows.log", victim.stat(), False)
+    once = reader(1)
+    out = once.read_file(job)
+    assert once.reads == 2 and not out.changed and out.bytes_read == 300_004  # read again: consistent
+    twice = reader(2)
+    out = twice.read_file(job)
+    assert twice.reads == 2 and out.changed  # still changing after the second read: marked, not looped
 
 
 async def test_large_page_file_is_read_in_segments_and_round_trips(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ read from files or environment variables; an inline value is accepted for tests 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -222,12 +224,22 @@ class SourceConfig(_Model):
         return v
 
     def is_excluded(self, rel: str) -> bool:
-        base = rel.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(base, p) for p in self.exclude)
+        """Whether a path (relative to the source root) or its base name matches an exclude pattern."""
+        if not self.exclude:
+            return False
+        return (
+            _matcher(self.exclude)(rel) is not None
+            or _matcher(self.exclude)(rel.rsplit("/", 1)[-1]) is not None
+        )
 
     def is_page_file(self, rel: str) -> bool:
-        base = rel.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatch(base, p) for p in self.page_files)
+        return bool(self.page_files) and _matcher(self.page_files)(rel.rsplit("/", 1)[-1]) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """One compiled regular expression for a tuple of shell patterns (fnmatch semantics, case-sensitive)."""
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
 
 class StateConfig(_Model):

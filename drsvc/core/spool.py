@@ -23,6 +23,7 @@ class SpoolFull(DRError):
 
 class Spool:
     def __init__(self, state_dir: Path, quota: int = 0) -> None:
+        self.state_dir = state_dir
         self.dir = state_dir / "spool"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(state_dir / "outbox.db")
@@ -45,9 +46,13 @@ class Spool:
 
     def _committed(self, key: str, size: int, tenant: str, sites: Sequence[str], barrier: bool) -> int:
         seq = self.outbox.add(key, tenant, size, sites, barrier)
+        self.notify()
+        return seq
+
+    def notify(self) -> None:
+        """Tell the subscribers that objects were spooled (also those another process spooled)."""
         for listener in list(self._listeners):
             listener()
-        return seq
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` (from the writing thread) after each put; returns the unsubscribe function."""
