@@ -42,6 +42,7 @@ class App:
         self._spool: Spool | None = None
         self._workers: snapshot.WorkerPool | None = None
         self.worker_count = workers or os.cpu_count() or 2
+        self.in_process_bytes = snapshot.LOCAL_LIMIT  # snapshot data read before the workers start
         self.pool = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="data")
 
     async def __aenter__(self) -> App:
@@ -138,15 +139,22 @@ class App:
         started = loop.time()
         sc = self.config.source(source)
         stores = [self.store(n) for n in sc.sites]
-        warming = asyncio.ensure_future(self.workers.warm())
         repo = await self.open_repo(sc.tenant)
-        await warming
         done = asyncio.Event()
         limits = {n: self.config.sites[n].concurrency for n in sc.sites}
         shipping = asyncio.ensure_future(replicator.replicate(self.spool, stores, limits, done=done))
         try:
             result = await snapshot.take_snapshot(
-                source, sc, repo, self.spool, stores, self.cache_dir, self.pool, self.workers, progress
+                source,
+                sc,
+                repo,
+                self.spool,
+                stores,
+                self.cache_dir,
+                self.pool,
+                self.workers,
+                progress,
+                self.in_process_bytes,
             )
         finally:
             done.set()

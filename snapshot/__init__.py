@@ -16,54 +16,34 @@ For a `tree` source (``snapshot.tree``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from drsvc.core.config import SourceConfig
-from drsvc.core.repository import Repository
-from drsvc.core.spool import Spool
-from drsvc.core.stores import ReadStore
-from snapshot.dedup import DedupIndex
-from snapshot.parents import find_parent, save_parent
-from snapshot.tree import Progress, SnapshotResult, Stats, TreeSnapshot
-from snapshot.workers import WorkerPool
+# Imports are lazy so that the worker processes (snapshot.workers, preloaded by the forkserver) do not load
+# the config model and the walker: a worker needs only drsvc.core's codecs and this package's data path.
+if TYPE_CHECKING:
+    from snapshot.dispatch import LOCAL_LIMIT
+    from snapshot.run import take_snapshot
+    from snapshot.tree import Progress, SnapshotResult, Stats
+    from snapshot.workers import WorkerPool
 
-__all__ = ["SnapshotResult", "Stats", "WorkerPool", "take_snapshot"]
+__all__ = ["LOCAL_LIMIT", "Progress", "SnapshotResult", "Stats", "WorkerPool", "take_snapshot"]
 
 
-async def take_snapshot(
-    source: str,
-    config: SourceConfig,
-    repo: Repository,
-    spool: Spool,
-    sites: Sequence[ReadStore],
-    cache_dir: Path,
-    pool: ThreadPoolExecutor,
-    workers: WorkerPool,
-    progress: Progress | None = None,
-) -> SnapshotResult:
-    """Snapshot one tree source into the spool. The caller ships it (``replicator``)."""
-    import asyncio
+def __getattr__(name: str) -> Any:
+    if name == "take_snapshot":
+        from snapshot.run import take_snapshot
 
-    tenant_cache = cache_dir / repo.tenant
-    dedup, warnings = await DedupIndex.load(repo, sites, spool, tenant_cache / "index")
-    parent = await find_parent(repo, source, sites, tenant_cache)
-    snap = TreeSnapshot(
-        source,
-        config,
-        repo,
-        spool,
-        dedup,
-        pool,
-        workers,
-        parent=parent.record if parent else None,
-        parent_trees=parent,
-        progress=progress,
-    )
-    snap.warnings.extend(warnings)
-    result = await snap.run()
-    await asyncio.to_thread(
-        save_parent, tenant_cache, repo, source, result.record.id, result.sealed, snap.trees
-    )
-    return result
+        return take_snapshot
+    if name in ("Progress", "SnapshotResult", "Stats"):
+        import snapshot.tree
+
+        return getattr(snapshot.tree, name)
+    if name == "LOCAL_LIMIT":
+        from snapshot.dispatch import LOCAL_LIMIT
+
+        return LOCAL_LIMIT
+    if name == "WorkerPool":
+        from snapshot.workers import WorkerPool
+
+        return WorkerPool
+    raise AttributeError(name)

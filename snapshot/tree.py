@@ -24,10 +24,12 @@ from drsvc.core.format import Node, SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import Repository, new_id, now_ns
 from drsvc.core.spool import Spool
+from snapshot.chunker import ChunkParams
 from snapshot.dedup import DedupIndex
+from snapshot.dispatch import LOCAL_LIMIT, Dispatcher
 from snapshot.packer import Packer
-from snapshot.reader import FileJob, FileOut, same_stat
-from snapshot.workers import WorkerContext, WorkerPool, routed_batches
+from snapshot.reader import FileJob, FileOut, FileReader, same_stat
+from snapshot.workers import WorkerContext, WorkerPool, WorkerTotals, routed_batches
 
 T = TypeVar("T")
 
@@ -84,6 +86,7 @@ class TreeSnapshot:
         parent: SnapshotRecord | None = None,
         parent_trees: Callable[[bytes], Awaitable[list[Node]]] | None = None,
         progress: Progress | None = None,
+        local_limit: int = LOCAL_LIMIT,
     ) -> None:
         self.source = source
         self.config = config
@@ -100,10 +103,11 @@ class TreeSnapshot:
         self.id_fn = repo.keys.content_id_function()
         p = repo.params
         self.sites = list(config.sites)
-        # tree blobs only: file data is packed by the worker processes
+        # tree blobs, and the data of the in-process reader (small snapshots): see snapshot.dispatch
         self.packer = Packer(repo.keys, repo.layout, spool, self.sites, p.pack_size, p.compression_level)
-        # two batches in flight per worker: one running, one waiting in its pipe
-        self._jobs = [asyncio.Semaphore(2) for _ in range(workers.size)]
+        chunk = ChunkParams(p.chunk_min, p.chunk_avg, p.chunk_max, repo.keys.chunker_seed)
+        local = FileReader(chunk, config.page_chunk, self.id_fn, dedup.claim, self.packer)
+        self.dispatch = Dispatcher(workers, self._worker_context, local, local_limit)
         self._dirs = asyncio.Semaphore(8)
         self._root_dev = 0
         self.trees: dict[bytes, bytes] = {}  # tree id -> encoded tree, for the local parent cache
@@ -130,25 +134,21 @@ class TreeSnapshot:
         if not stat.S_ISDIR(st.st_mode):
             raise SnapshotError("the source's path is not a directory", source=self.source, path=root)
         self._root_dev = st.st_dev
+        if self.parent is None:  # a first snapshot reads everything: start the worker processes now
+            warming = asyncio.ensure_future(self.workers.warm())
         parent_root = await self._parent_nodes(self.parent.tree) if self.parent else None
-        await self.workers.begin(
-            WorkerContext(
-                self.repo.tenant,
-                self.repo.keys,
-                self.repo.params,
-                self.spool.state_dir,
-                tuple(self.sites),
-                self.config.page_chunk,
-                self.dedup.frozen(),
-            )
-        )
         try:
             root_id = await self._dir(root, "", parent_root)
-            totals = await self.workers.finish()
+            totals = await self.dispatch.finish()
         except BaseException:  # no half-written pack stays in the spool
-            await asyncio.shield(asyncio.gather(self._run(self.packer.abort), self.workers.abort()))
+            await asyncio.shield(asyncio.gather(self._run(self.packer.abort), self.dispatch.abort()))
             raise
+        finally:
+            if self.parent is None:
+                await asyncio.gather(warming, return_exceptions=True)
         await self._run(self.packer.flush)
+        if totals is None:
+            totals = WorkerTotals([], 0, 0)
         packs = [*totals.packs, *self.packer.packs]
         index_names = await self._run(self._write_indexes, packs)
         self.spool.notify()  # the workers' packs were committed in other processes
@@ -175,6 +175,17 @@ class TreeSnapshot:
         )
         await self._run(self.spool.put, key, sealed, self.repo.tenant, self.sites, True)
         return SnapshotResult(record, key, sealed, self.stats, self.warnings)
+
+    def _worker_context(self) -> WorkerContext:
+        return WorkerContext(
+            self.repo.tenant,
+            self.repo.keys,
+            self.repo.params,
+            self.spool.state_dir,
+            tuple(self.sites),
+            self.config.page_chunk,
+            self.dedup.frozen(),
+        )
 
     def _write_indexes(self, packs: list[format.PackIndex]) -> list[str]:
         names = []
@@ -264,7 +275,7 @@ class TreeSnapshot:
             sub_id = await self._dir(os.path.join(path, os.fsdecode(name)), child_rel, sub_parent)
             return _node(name, st, format.DIR, subtree=sub_id)
 
-        batches = routed_batches(jobs, self.workers.route, SMALL_FILE, BATCH_BYTES, BATCH_FILES)
+        batches = routed_batches(jobs, self.dispatch.route, SMALL_FILE, BATCH_BYTES, BATCH_FILES)
         results = await asyncio.gather(
             *(self._segmented(job) for job in segmented),
             *(self._files(w, batch) for w, batch in batches),
@@ -289,8 +300,7 @@ class TreeSnapshot:
 
     # -- files ------------------------------------------------------------------------------------
     async def _files(self, worker: int, batch: list[FileJob]) -> list[Node]:
-        async with self._jobs[worker]:
-            outs = await self.workers.read(worker, batch)
+        outs = await self.dispatch.read(worker, batch)
         self.spool.notify()  # a worker may have committed packs: wake the shippers
         return self._nodes(batch, outs)
 
@@ -319,9 +329,7 @@ class TreeSnapshot:
         ]
 
         async def one(seg: FileJob) -> FileOut:
-            worker = self.workers.route(seg)
-            async with self._jobs[worker]:
-                (out,) = await self.workers.read(worker, [seg])
+            (out,) = await self.dispatch.read(self.dispatch.route(seg), [seg])
             self.spool.notify()
             return out
 

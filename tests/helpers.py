@@ -48,8 +48,11 @@ def make_config(
     )
 
 
-async def init_app(config: Config) -> App:
+async def init_app(config: Config, in_process_bytes: int | None = None) -> App:
+    """An App with a tenant repository; `in_process_bytes=0` sends every file to the worker processes."""
     app = App(config, workers=2)
+    if in_process_bytes is not None:
+        app.in_process_bytes = in_process_bytes
     await app.init_tenant("fin", FAST_SCRYPT)
     return app
 

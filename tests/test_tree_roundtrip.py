@@ -12,6 +12,8 @@ import pytest
 from helpers import du, init_app, local_sites, make_config, tree_state
 from hypothesis import HealthCheck, given, settings
 
+WORKERS = {"in-process": None, "worker-processes": 0}  # in_process_bytes for init_app
+
 NAME = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=12
 ).filter(lambda s: s not in (".", "..") and len(s.encode()) < 200)
@@ -48,15 +50,19 @@ def build(root: Path, entries: dict[str, tuple[object, ...]], rng: random.Random
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=st.dictionaries(NAME, ENTRY, max_size=6), seed=st.integers(0, 2**32))
+@given(
+    tree=st.dictionaries(NAME, ENTRY, max_size=6),
+    seed=st.integers(0, 2**32),
+    path=st.sampled_from(sorted(WORKERS)),
+)
 async def test_generated_trees_round_trip(
-    tmp_path_factory: pytest.TempPathFactory, tree: dict, seed: int
+    tmp_path_factory: pytest.TempPathFactory, tree: dict, seed: int, path: str
 ) -> None:
     tmp = tmp_path_factory.mktemp("rt")
     src = tmp / "src"
     build(src, tree, random.Random(seed))
     (src / "empty").mkdir(exist_ok=True)
-    app = await init_app(make_config(tmp, src, local_sites(tmp, ["a", "b"]), min_copies=2))
+    app = await init_app(make_config(tmp, src, local_sites(tmp, ["a", "b"]), min_copies=2), WORKERS[path])
     try:
         o = await app.snapshot("docs")
         assert o.protection.protected
@@ -75,10 +81,11 @@ def _write_corpus(src: Path) -> None:
     (src / "pages.db").write_bytes(rng.randbytes(8192 * 400))
 
 
-async def test_incremental_reads_only_changes_and_restores_each_point(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["in-process", "worker-processes"])
+async def test_incremental_reads_only_changes_and_restores_each_point(tmp_path: Path, path: str) -> None:
     src = tmp_path / "src"
     _write_corpus(src)
-    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])), WORKERS[path])
     try:
         first = await app.snapshot("docs")
         state1 = tree_state(src)
@@ -107,13 +114,14 @@ async def test_incremental_reads_only_changes_and_restores_each_point(tmp_path: 
     assert tree_state(tmp_path / "out2") == state2
 
 
-async def test_dedup_stores_identical_content_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["in-process", "worker-processes"])
+async def test_dedup_stores_identical_content_once(tmp_path: Path, path: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
     blob = random.Random(1).randbytes(2_000_000)  # incompressible: stored bytes ~ content bytes
     for i in range(5):
         (src / f"copy{i}.bin").write_bytes(blob)
-    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])), WORKERS[path])
     try:
         o = await app.snapshot("docs")
     finally:
@@ -245,7 +253,8 @@ def test_file_changing_during_read_is_read_again_then_marked(tmp_path: Path) -> 
     assert twice.reads == 2 and out.changed  # still changing after the second read: marked, not looped
 
 
-async def test_large_page_file_is_read_in_segments_and_round_trips(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["in-process", "worker-processes"])
+async def test_large_page_file_is_read_in_segments_and_round_trips(tmp_path: Path, path: str) -> None:
     from snapshot.tree import SEGMENT
 
     src = tmp_path / "src"
@@ -254,7 +263,7 @@ async def test_large_page_file_is_read_in_segments_and_round_trips(tmp_path: Pat
     page = 8192
     size = 2 * SEGMENT + 5 * page + 100  # three segments, the last one short and not page-aligned
     (src / "big.db").write_bytes(rng.randbytes(size))
-    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])), WORKERS[path])
     try:
         await app.snapshot("docs")
         with open(src / "big.db", "r+b") as f:
