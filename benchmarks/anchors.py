@@ -5,9 +5,10 @@
 
 For each target (a local repository directory, an S3 bucket) on a freshly generated dataset: ``restic init``,
 a full backup, ``benchmarks.dataset mutate --round 1``, an incremental backup, and a restore of the latest
-snapshot into an empty directory. Each step reports wall time and the peak RSS of the restic process (its
-``ru_maxrss`` from ``os.wait4``), backups also restic's ``data_added`` (bytes of new blobs before
-compression, restic 0.14) and the growth of the repository (bytes stored, after compression).
+snapshot into an empty directory. Each step reports wall time, the peak RSS of the restic process (its
+``ru_maxrss`` from ``os.wait4``) and the peak sums of PSS and RSS over its process tree (sampled every 50 ms
+from /proc/PID/smaps_rollup, see `run_measured`), backups also restic's ``data_added`` (bytes of new blobs
+before compression, restic 0.14) and the growth of the repository (bytes stored, after compression).
 
 restic runs with its defaults (``--compression auto``, repository format 2, GOMAXPROCS = all cores, its
 local cache in a per-target directory); the dataset is in the page cache (it was just written).
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,23 +45,129 @@ MiB = 1024 * 1024
 @dataclass(frozen=True)
 class Measured:
     seconds: float
-    peak_rss_mib: float
+    peak_rss_mib: float  # the child's own ru_maxrss (os.wait4): misses its worker processes
     returncode: int
     stdout: bytes
     stderr: bytes
+    peak_pss_mib: float = 0.0  # peak over samples of the sum of PSS across the child's process tree
+    peak_tree_rss_mib: float = 0.0  # the same for RSS (pages shared between processes count once per process)
+    peak_tree_procs: int = 0  # most processes seen in the tree at one sample
+    samples: int = 0
+
+
+def _ppids() -> dict[int, int]:
+    """pid -> ppid for every process in /proc (field 4 of /proc/PID/stat, after the parenthesised comm)."""
+    out: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat.rpartition(b")")[2].split()
+        if len(fields) >= 2:
+            out[int(name)] = int(fields[1])
+    return out
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants, by the ppid links in /proc."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _ppids().items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _pss_rss_kib(pid: int) -> tuple[int, int] | None:
+    """(Pss, Rss) in KiB from /proc/PID/smaps_rollup, or None if the process is gone."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith(b"Rss:"):
+                    rss = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return pss, rss
+
+
+class TreeSampler:
+    """Every `interval` s, sum PSS and RSS over the process tree of `root`; keep the peaks (in KiB).
+
+    PSS charges each shared page to the processes mapping it in equal parts, so the sum over a tree is its
+    real footprint (forked workers share their parent's pages; summing RSS would count those per process).
+    """
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        self.root, self.interval = root, interval
+        self.peak_pss_kib = self.peak_rss_kib = self.peak_procs = self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"tree-sampler-{root}", daemon=True)
+
+    def sample(self) -> None:
+        pss = rss = n = 0
+        for pid in process_tree(self.root):
+            got = _pss_rss_kib(pid)
+            if got is not None:
+                pss, rss, n = pss + got[0], rss + got[1], n + 1
+        if n:
+            self.samples += 1
+            self.peak_pss_kib = max(self.peak_pss_kib, pss)
+            self.peak_rss_kib = max(self.peak_rss_kib, rss)
+            self.peak_procs = max(self.peak_procs, n)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_measured(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Measured:
-    """Run argv to completion; wall time and the child's own peak RSS (os.wait4, so not mixed with others)."""
+    """Run argv to completion; wall time, the child's own peak RSS (os.wait4) and its process tree's memory.
+
+    A sampler thread sums PSS and RSS (/proc/PID/smaps_rollup) over the child and all its descendants every
+    50 ms while the child runs (the child is reaped only after the sampler stopped, so its PID cannot be
+    reused meanwhile). Peaks shorter than 50 ms can be missed; ru_maxrss cannot miss the child's own peak.
+    """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        with TreeSampler(proc.pid) as sampler:
+            # wait for exit without reaping, so the tree stays walkable until the sampler has stopped
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            seconds = time.perf_counter() - t0
         _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
         out.seek(0)
         err.seek(0)
-        return Measured(seconds, usage.ru_maxrss / 1024, proc.returncode, out.read(), err.read())
+        return Measured(
+            seconds,
+            usage.ru_maxrss / 1024,
+            proc.returncode,
+            out.read(),
+            err.read(),
+            peak_pss_mib=sampler.peak_pss_kib / 1024,
+            peak_tree_rss_mib=sampler.peak_rss_kib / 1024,
+            peak_tree_procs=sampler.peak_procs,
+            samples=sampler.samples,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,13 +230,23 @@ class ResticRepo:
         return sum(int(o.size or 0) for o in client.list_objects(s3.bucket, prefix=prefix, recursive=True))
 
 
+def memory(m: Measured) -> dict[str, float]:
+    """The memory numbers of one measured command, for a result dict."""
+    return {
+        "peak_rss_mib": round(m.peak_rss_mib, 1),
+        "peak_pss_mib": round(m.peak_pss_mib, 1),
+        "peak_tree_rss_mib": round(m.peak_tree_rss_mib, 1),
+        "peak_tree_procs": m.peak_tree_procs,
+    }
+
+
 def restic_version() -> str:
     return subprocess.run(["restic", "version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def restic_init(repo: ResticRepo) -> dict[str, float]:
     m = repo.run("init", "--repository-version", "2")
-    return {"seconds": round(m.seconds, 2), "peak_rss_mib": round(m.peak_rss_mib, 1)}
+    return {"seconds": round(m.seconds, 2), **memory(m)}
 
 
 def restic_backup(repo: ResticRepo, src: Path, compression: str = "auto") -> dict[str, Any]:
@@ -142,7 +260,7 @@ def restic_backup(repo: ResticRepo, src: Path, compression: str = "auto") -> dic
     processed = int(summary.get("total_bytes_processed", 0))
     return {
         "seconds": round(m.seconds, 2),
-        "peak_rss_mib": round(m.peak_rss_mib, 1),
+        **memory(m),
         "added_bytes": int(summary.get("data_added", 0)),
         "repo_growth_bytes": repo.stored_bytes() - before,
         "bytes_processed": processed,
@@ -158,7 +276,7 @@ def restic_restore(repo: ResticRepo, target: Path, snapshot: str = "latest") -> 
     restored = sum(p.stat().st_size for _, p in dataset.iter_files(target))
     return {
         "seconds": round(m.seconds, 2),
-        "peak_rss_mib": round(m.peak_rss_mib, 1),
+        **memory(m),
         "bytes_restored": restored,
         "mb_per_s": round(restored / 1e6 / m.seconds, 1),
     }
@@ -232,13 +350,18 @@ def seaweed_s3(workdir: Path, bucket: str = "bench", timeout: float = 60.0) -> I
             _ensure_bucket(endpoint, access, secret, bucket)
             yield S3Target(endpoint, bucket, access, secret)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
+    """SIGTERM this one process (by its PID), give it `grace` seconds, then SIGKILL it; reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], endpoint: str, workdir: Path, timeout: float) -> None:
@@ -320,6 +443,7 @@ def _summary_line(r: dict[str, Any]) -> str:
     f, i, s = r["full"], r["incremental"], r["restore"]
     return (
         f"{r['target']}: full {f['seconds']} s = {f['mb_per_s']} MB/s (rss {f['peak_rss_mib']} MiB, "
+        f"pss {f['peak_pss_mib']} MiB, "
         f"repo {r['repo_bytes'] / MiB:.1f} MiB); incremental {i['seconds']} s, "
         f"data_added {i['added_bytes']} B, repo +{i['repo_growth_bytes']} B, "
         f"real change {r['real_change_bytes']} B (added/real {i['added_over_real']}, "

@@ -172,7 +172,7 @@ class S3SiteConfig(_Model):
     region: str | None = None
     access_key: Secret
     secret_key: Secret
-    concurrency: int = Field(default=8, ge=1, le=256)
+    concurrency: int = Field(default=4, ge=1, le=256)  # uploads in flight; each holds up to one pack
     timeout: float = Field(default=30.0, gt=0)
     create_bucket: bool = False
 
