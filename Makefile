@@ -9,6 +9,8 @@ STAMP   := $(VENV)/.installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	$(PY) -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -27,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
+	command -v restic >/dev/null || { apt-get update -qq && apt-get install -y -qq restic; }
 	$(BIN)/python -m benchmarks.run
 
 clean:
