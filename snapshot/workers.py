@@ -16,11 +16,13 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from drsvc.core.crypto import Keys
+from drsvc.core.errors import SnapshotError
 from drsvc.core.format import PackIndex
 from drsvc.core.layout import Layout
 from drsvc.core.repository import RepoParams
@@ -115,13 +117,23 @@ class WorkerPool:
     """N single-process executors, so that a job can be routed to one worker."""
 
     def __init__(self, n: int | None = None) -> None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["snapshot.workers"])
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["snapshot.workers"])
         self.size = max(1, n or os.cpu_count() or 1)
-        self._execs = [ProcessPoolExecutor(max_workers=1, mp_context=ctx) for _ in range(self.size)]
+        self._execs = [ProcessPoolExecutor(max_workers=1, mp_context=self._ctx) for _ in range(self.size)]
 
     async def _on(self, i: int, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._execs[i], fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._execs[i], fn, *args)
+        except BrokenProcessPool:
+            # the process died (killed, out of memory): replace it for the next snapshot, fail this one
+            self._execs[i].shutdown(wait=False, cancel_futures=True)
+            self._execs[i] = ProcessPoolExecutor(max_workers=1, mp_context=self._ctx)
+            raise SnapshotError(
+                f"snapshot worker process {i} died",
+                hint="look for the OOM killer in the kernel log; "
+                "nothing was acknowledged, the next snapshot starts a new worker",
+            ) from None
 
     def route(self, job: FileJob) -> int:
         return hash((job.st.st_size, job.offset)) % self.size
@@ -131,7 +143,15 @@ class WorkerPool:
         await asyncio.gather(*(self._on(i, os.getpid) for i in range(self.size)))
 
     async def begin(self, ctx: WorkerContext) -> None:
-        await asyncio.gather(*(self._on(i, _begin, ctx) for i in range(self.size)))
+        async def one(i: int) -> None:
+            try:
+                await self._on(i, _begin, ctx)
+            except (
+                SnapshotError
+            ):  # it died since the last snapshot, which lost nothing: its replacement begins
+                await self._on(i, _begin, ctx)
+
+        await asyncio.gather(*(one(i) for i in range(self.size)))
 
     async def read(self, worker: int, batch: list[FileJob]) -> list[FileOut]:
         return await self._on(worker, _read, batch)
