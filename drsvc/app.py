@@ -74,7 +74,13 @@ class App:
     @property
     def spool(self) -> Spool:
         if self._spool is None:
-            self._spool = Spool(self.config.state.dir, self.config.state.spool_quota)
+            spool = Spool(self.config.state.dir, self.config.state.spool_quota)
+            try:
+                spool.lock()
+            except BaseException:
+                spool.close()
+                raise
+            self._spool = spool
         return self._spool
 
     @property
@@ -156,6 +162,10 @@ class App:
                 progress,
                 self.in_process_bytes,
             )
+        except BaseException:
+            shipping.cancel()  # the backlog stays in the spool for the next run
+            await asyncio.gather(shipping, return_exceptions=True)
+            raise
         finally:
             done.set()
         reports = await shipping

@@ -92,14 +92,26 @@ async def restore_tree(
     record = choose_snapshot(await repo.snapshots(source), at_ns, source)
     plan = await build_plan(repo, record)
     staging = target.parent / f".{target.name}.drsvc-restore-{uuid.uuid4().hex[:12]}"
-    os.mkdir(staging, 0o700)
+    try:
+        os.mkdir(staging, 0o700)
+    except OSError as exc:
+        raise RestoreError(
+            f"cannot create the staging directory: {exc.strerror}", path=str(staging)
+        ) from None
     try:
         await asyncio.to_thread(_create_skeleton, str(staging), plan)
         await BlobWriter(repo, plan, str(staging), concurrency, progress).run()
         await asyncio.to_thread(_finish_metadata, str(staging), plan)
         await asyncio.to_thread(_move_into_place, staging, target)
+    except OSError as exc:
+        await asyncio.to_thread(_remove_staging, staging)
+        raise RestoreError(
+            f"restore failed: {exc.strerror}",
+            path=exc.filename or str(target),
+            hint="nothing was put in place; fix the cause (space, permissions) and restore again",
+        ) from exc
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, staging, True)
+        await asyncio.to_thread(_remove_staging, staging)
         raise
     return RestoreResult(
         source=source,
@@ -115,6 +127,17 @@ async def restore_tree(
         fallbacks=list(repo.report.fallbacks),
         bytes_fetched=repo.report.bytes_fetched,
     )
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove a staging tree, even one whose directories were already made read-only."""
+    for dirpath, dirnames, _ in os.walk(staging):
+        for d in dirnames:
+            try:
+                os.chmod(os.path.join(dirpath, d), 0o700, follow_symlinks=False)
+            except OSError:
+                pass
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _create_skeleton(staging: str, plan: Plan) -> None:

@@ -11,6 +11,7 @@ Memory is bounded by RANGE_MAX times the fetch concurrency.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -124,7 +125,8 @@ class BlobWriter:
             for path, off in self.targets[bid]:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 try:
-                    os.pwrite(fd, data, off)
+                    if os.pwrite(fd, data, off) != len(data):
+                        raise OSError(errno.ENOSPC, "short write", path)
                 finally:
                     os.close(fd)
                 self.progress.bytes_done += len(data)

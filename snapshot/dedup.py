@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from drsvc.core.errors import StoreError
+from drsvc.core.errors import ObjectNotFound, StoreError
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import Repository
 from drsvc.core.spool import Spool
@@ -91,7 +91,10 @@ class DedupIndex:
             name = repo.layout.parse(key).name
             if name in common or not site_names <= set(targets):
                 continue
-            data = await asyncio.to_thread(spool.read, key)
+            try:
+                data = await asyncio.to_thread(spool.read, key)
+            except ObjectNotFound:  # shipped everywhere meanwhile: its blobs are simply stored again
+                continue
             for p in await asyncio.to_thread(repo.decode_index, name, data):
                 index.add_all([b.blob_id for b in p.blobs])
         return index, warnings

@@ -57,13 +57,13 @@ class Dispatcher:
 
     async def finish(self) -> WorkerTotals | None:
         """Flush the workers' packs, if they were used; the caller flushes the local reader's packer."""
-        self._local_exec.shutdown(wait=True)
+        await asyncio.to_thread(self._local_exec.shutdown, True)
         if self._begun is None:
             return None
         await self._begun
         return await self.workers.finish()
 
     async def abort(self) -> None:
-        self._local_exec.shutdown(wait=True)
+        await asyncio.to_thread(self._local_exec.shutdown, True, cancel_futures=True)
         if self._begun is not None:
             await self.workers.abort()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from drsvc.core.crypto import BlobType
+from drsvc.core.errors import SnapshotError
 from snapshot.chunker import Chunker, ChunkParams
 from snapshot.packer import Packer
 
@@ -63,6 +64,14 @@ class FileReader:
         self.claim = claim
         self.packer = packer
 
+    def _store(self, cid: bytes, data: memoryview) -> None:
+        """Pack a chunk. A failure to write the spool is not a failure to read this file: it ends the snapshot
+        (the open pack is unusable), so it must not be caught as one."""
+        try:
+            self.packer.add(BlobType.DATA, cid, data)
+        except OSError as exc:
+            raise SpoolWriteError(f"cannot write to the spool: {exc.strerror}", path=exc.filename) from exc
+
     def read_batch(self, batch: list[FileJob]) -> list[FileOut]:
         return [self.read_file(job) for job in batch]
 
@@ -99,7 +108,7 @@ class FileReader:
                     ids.append(cid)
                     total += len(data)
                     if self.claim(cid):
-                        self.packer.add(BlobType.DATA, cid, data)
+                        self._store(cid, data)
             after = os.fstat(fd)
         except OSError as exc:
             return FileOut(error=f"read failed: {exc.strerror}")
@@ -108,6 +117,12 @@ class FileReader:
         expected = after.st_size - job.offset if job.length < 0 else job.length
         changed = not same_stat(before, after) or total != expected
         return FileOut(tuple(ids), after, changed, "", total)
+
+
+class SpoolWriteError(SnapshotError):
+    hint = (
+        "the spool's file system is full or failing: free space under the state directory; nothing was lost"
+    )
 
 
 def _open_nofollow(path: str) -> int:

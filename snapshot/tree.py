@@ -28,7 +28,7 @@ from snapshot.chunker import ChunkParams
 from snapshot.dedup import DedupIndex
 from snapshot.dispatch import LOCAL_LIMIT, Dispatcher
 from snapshot.packer import Packer
-from snapshot.reader import FileJob, FileOut, FileReader, same_stat
+from snapshot.reader import FileJob, FileOut, FileReader, SpoolWriteError, same_stat
 from snapshot.workers import WorkerContext, WorkerPool, WorkerTotals, routed_batches
 
 T = TypeVar("T")
@@ -141,7 +141,7 @@ class TreeSnapshot:
             root_id = await self._dir(root, "", parent_root)
             totals = await self.dispatch.finish()
         except BaseException:  # no half-written pack stays in the spool
-            await asyncio.shield(asyncio.gather(self._run(self.packer.abort), self.dispatch.abort()))
+            await asyncio.shield(self._abort())
             raise
         finally:
             if self.parent is None:
@@ -175,6 +175,11 @@ class TreeSnapshot:
         )
         await self._run(self.spool.put, key, sealed, self.repo.tenant, self.sites, True)
         return SnapshotResult(record, key, sealed, self.stats, self.warnings)
+
+    async def _abort(self) -> None:
+        """Stop the readers first (their threads may still be writing packs), then drop the open packs."""
+        await self.dispatch.abort()
+        await self._run(self.packer.abort)
 
     def _worker_context(self) -> WorkerContext:
         return WorkerContext(
@@ -259,6 +264,7 @@ class TreeSnapshot:
                     and prev.kind == format.FILE
                     and not prev.changed
                     and _unchanged(prev, st)
+                    and all(c in self.dedup for c in prev.content)  # at (or bound for) every site
                 ):
                     self.stats.files_unchanged += 1
                     nodes.append(prev)
@@ -276,7 +282,7 @@ class TreeSnapshot:
             return _node(name, st, format.DIR, subtree=sub_id)
 
         batches = routed_batches(jobs, self.dispatch.route, SMALL_FILE, BATCH_BYTES, BATCH_FILES)
-        results = await asyncio.gather(
+        results = await _all_or_none(
             *(self._segmented(job) for job in segmented),
             *(self._files(w, batch) for w, batch in batches),
             *(subdir(*s) for s in subdirs),
@@ -295,7 +301,12 @@ class TreeSnapshot:
         tid = self.id_fn(data)
         self.trees[tid] = data
         if self.dedup.claim(tid):
-            self.packer.add(BlobType.TREE, tid, data)
+            try:
+                self.packer.add(BlobType.TREE, tid, data)
+            except OSError as exc:
+                raise SpoolWriteError(
+                    f"cannot write to the spool: {exc.strerror}", path=exc.filename
+                ) from exc
         return tid
 
     # -- files ------------------------------------------------------------------------------------
@@ -350,6 +361,18 @@ class TreeSnapshot:
     def _error(self, rel: str, msg: str) -> None:
         self.stats.errors += 1
         self.warn(f"{rel}: {msg}; left out of the snapshot")
+
+
+async def _all_or_none(*aws: Awaitable[T]) -> list[T]:
+    """Like gather, but the first failure cancels the others (and waits for them) before it propagates."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _scan(path: str) -> tuple[list[tuple[bytes, os.stat_result]], str]:

@@ -385,3 +385,17 @@ def test_slot_with_costly_or_odd_scrypt_is_refused_before_deriving(kdf: dict[str
 def test_new_master_keys() -> None:
     a, b = new_master_key(), new_master_key()
     assert len(a) == len(b) == MASTER_KEY_LEN and a != b
+
+
+def test_a_slot_this_version_cannot_use_is_skipped_by_unlock() -> None:
+    """A hostile site's (or a newer writer's) slot with an unknown KDF or a huge cost must not lock out the
+    valid slots: unlock skips it and says so if nothing opens."""
+    master = new_master_key()
+    good = make_key_slot(Suite.AES_256_GCM, "good", master, "passphrase", b"pw", FAST)
+    costly = {**good, "id": "costly", "kdf": {**good["kdf"], "n": 2**30}}
+    foreign = {**good, "id": "argon", "kdf": {"name": "argon2id", "m": 65536}}
+    assert unlock([costly, foreign, good], "passphrase", b"pw", "hr") == master
+    with pytest.raises(
+        WrongKeyError, match=r"unusable slots skipped: costly: .*scrypt.*argon: .*key derivation"
+    ):
+        unlock([costly, foreign, good], "passphrase", b"wrong", "hr")

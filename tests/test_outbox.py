@@ -253,3 +253,31 @@ def test_spool_survives_reopen(tmp_path: Path) -> None:
         assert not sp.path("t/snapshots/aa/bb").exists()
     finally:
         sp.close()
+
+
+def test_lock_sweeps_a_crash_between_the_last_ack_and_shipped(tmp_path: Path) -> None:
+    """Killed after the last site acknowledged but before ``shipped``: the next owner removes file and row,
+    and half-written temporary files; a second owner of the same state directory is refused."""
+    from drsvc.core.spool import StateBusy
+
+    spool = Spool(tmp_path)
+    seq = spool.put("t/data/ab/abcd" + "0" * 28, b"pack", "t", ["a", "b"])
+    spool.outbox.ack(seq, "a")
+    spool.outbox.ack(seq, "b")  # ... and the process dies here
+    pending = spool.put("t/data/cd/cdef" + "0" * 28, b"pack2", "t", ["a"])
+    tmp = spool.dir / "t" / "data" / "ab" / ".tmp-0123"
+    tmp.write_bytes(b"half")
+    spool.close()
+    owner = Spool(tmp_path)
+    owner.lock()
+    try:
+        assert not (spool.dir / "t" / "data" / "ab" / ("abcd" + "0" * 28)).exists()
+        assert owner.outbox.acked_sites("t/data/ab/abcd" + "0" * 28) is None
+        assert owner.outbox.acked_sites("t/data/cd/cdef" + "0" * 28) == ([], ["a"]) and pending
+        assert not tmp.exists()
+        other = Spool(tmp_path)
+        with pytest.raises(StateBusy, match="another drsvc process"):
+            other.lock()
+        other.close()
+    finally:
+        owner.close()

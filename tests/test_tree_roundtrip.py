@@ -311,3 +311,59 @@ async def test_lost_spool_file_is_copied_from_a_site_that_has_it(tmp_path: Path)
     finally:
         await app.close()
     assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+async def test_a_site_added_to_a_source_gets_every_chunk_the_next_snapshot_needs(tmp_path: Path) -> None:
+    """Unchanged files reuse the parent's chunks only if those chunks are at every site of the source now."""
+    from drsvc.check import check_site
+
+    src = tmp_path / "src"
+    _write_corpus(src)
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    try:
+        await app.snapshot("docs")
+    finally:
+        await app.close()
+    widened = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a", "b"]), min_copies=2))
+    try:
+        o = await widened.snapshot("docs")
+        assert o.protection.protected
+        repo = await widened.open_repo("fin", "b")
+        report = await check_site(repo, widened.store("b"), read_data=True)
+        assert report.ok, report.problems
+    finally:
+        await widened.close()
+    only_b = await init_app(make_config(tmp_path, src, {"b": local_sites(tmp_path, ["b"])["b"]}))
+    try:
+        await only_b.restore("docs", tmp_path / "out", None)
+    finally:
+        await only_b.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+def test_a_spool_write_failure_ends_the_snapshot_instead_of_skipping_a_file(tmp_path: Path) -> None:
+    """ENOSPC while packing is not "this file could not be read": the open pack is unusable."""
+    import errno
+
+    from drsvc.core.crypto import Keys, Suite, new_master_key
+    from snapshot.chunker import ChunkParams
+    from snapshot.reader import FileJob, FileReader, SpoolWriteError
+
+    f = tmp_path / "data.bin"
+    f.write_bytes(random.Random(9).randbytes(100_000))
+
+    class FullSpool:
+        def add(self, btype: object, cid: bytes, data: memoryview) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "spool"))
+
+    keys = Keys(Suite.AES_256_GCM, os.urandom(16), new_master_key())
+    reader = FileReader(
+        ChunkParams(16384, 65536, 262144, keys.chunker_seed),
+        32768,
+        keys.content_id_function(),
+        lambda cid: True,
+        FullSpool(),
+    )  # type: ignore[arg-type]
+    with pytest.raises(SpoolWriteError, match="No space left on device") as info:
+        reader.read_file(FileJob(str(f), "data.bin", f.stat(), False))
+    assert info.value.fields["path"] == str(tmp_path / "spool") and "free space" in info.value.hint

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # an environment problem no layer mapped: one line, the path, the reason
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"drsvc {args.verb}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

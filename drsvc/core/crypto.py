@@ -357,12 +357,20 @@ def open_key_slot(slot: dict[str, Any], kind: str, secret: bytes) -> bytes | Non
 
 
 def unlock(slots: list[dict[str, Any]], kind: str, secret: bytes, tenant: str) -> bytes:
+    """The master key from the first slot `secret` opens. A slot this version cannot use (unknown KDF,
+    out-of-range parameters: a newer writer, or a hostile site) is skipped, never a reason to stop."""
+    unusable: list[str] = []
     for slot in slots:
-        master = open_key_slot(slot, kind, secret)
+        try:
+            master = open_key_slot(slot, kind, secret)
+        except CryptoError as exc:
+            unusable.append(f"{slot.get('id')}: {exc.message}")
+            continue
         if master is not None:
             return master
     what = "passphrase" if kind == "passphrase" else "key file"
-    raise WrongKeyError(f"wrong {what}: it opens none of the {len(slots)} key slots", tenant=tenant)
+    skipped = f"; unusable slots skipped: {'; '.join(unusable)}" if unusable else ""
+    raise WrongKeyError(f"wrong {what}: it opens none of the {len(slots)} key slots{skipped}", tenant=tenant)
 
 
 def new_master_key() -> bytes:

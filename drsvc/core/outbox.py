@@ -157,6 +157,17 @@ class Outbox:
             self.db.execute("DELETE FROM objects WHERE seq = ?", (seq,))
 
     @_locked
+    def forget_shipped(self) -> list[str]:
+        """Drop rows that every target site acknowledged (left by a crash before ``forget``); their keys."""
+        with self.db:
+            rows = self.db.execute(
+                "SELECT o.seq, o.key FROM objects o WHERE NOT EXISTS"
+                " (SELECT 1 FROM copies c WHERE c.seq = o.seq AND c.acked IS NULL)"
+            ).fetchall()
+            self.db.executemany("DELETE FROM objects WHERE seq = ?", [(seq,) for seq, _ in rows])
+        return [str(k) for _, k in rows]
+
+    @_locked
     def acked_sites(self, key: str) -> tuple[list[str], list[str]] | None:
         """(sites holding, sites lacking) for a key still in the outbox; None if it is gone (all shipped)."""
         rows = self.db.execute(

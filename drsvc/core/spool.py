@@ -7,6 +7,7 @@ before ``put`` returns. The file goes when every target site holds the object (`
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,6 +18,10 @@ from drsvc.core.errors import DRError, ObjectNotFound
 from drsvc.core.outbox import Outbox
 
 
+class StateBusy(DRError):
+    hint = "wait for the other run to finish, or give this one its own [state] dir"
+
+
 class SpoolFull(DRError):
     hint = "a site is down or slow: the spool holds the backlog; free space, raise the quota or fix the site"
 
@@ -25,10 +30,34 @@ class Spool:
     def __init__(self, state_dir: Path, quota: int = 0) -> None:
         self.state_dir = state_dir
         self.dir = state_dir / "spool"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)  # trees in the parent cache and the outbox name the source's files
+        self._lock_fd: int | None = None
         self.outbox = Outbox(state_dir / "outbox.db")
         self.quota = quota
         self._listeners: list[Callable[[], None]] = []
+
+    def lock(self) -> None:
+        """Take the state directory for this process (one daemon or CLI run at a time; workers excepted),
+        then sweep what a crash left behind. The lock goes with the process."""
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateBusy(
+                "another drsvc process is using this state directory", path=str(self.state_dir)
+            ) from None
+        self._lock_fd = fd
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Remove half-written temporary files, and the files and rows of objects every site acknowledged
+        (a crash between the last acknowledgement and ``shipped``). Only the lock holder may sweep."""
+        for key in self.outbox.forget_shipped():
+            self.path(key).unlink(missing_ok=True)
+        for tmp in self.dir.rglob(f"{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
 
     def path(self, key: str) -> Path:
         return self.dir / key
@@ -80,6 +109,9 @@ class Spool:
 
     def close(self) -> None:
         self.outbox.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class SpoolWriter:
