@@ -89,6 +89,9 @@ async def check_site(
                     if c not in index:
                         res.problems.append(f"snapshot {rec.id[:16]}: chunk {c.hex()[:16]} is in no index")
 
+    res.problems.extend(
+        f"stray object {k.split(': ', 1)[1]} (not of this repository)" for k in repo.report.stray_keys
+    )
     if read_data:
         sem = asyncio.Semaphore(4)
 

@@ -31,7 +31,7 @@ class ParentTrees:
 
     async def __call__(self, tree_id: bytes) -> list[Node]:
         data = self.cached.get(tree_id)
-        if data is not None:
+        if data is not None and self.repo.content_id(data) == tree_id:  # a damaged cache entry is not used
             return format.decode_tree(data, f"cached tree {tree_id.hex()}")
         return await self.repo.read_tree(tree_id)
 

@@ -367,3 +367,26 @@ def test_a_spool_write_failure_ends_the_snapshot_instead_of_skipping_a_file(tmp_
     with pytest.raises(SpoolWriteError, match="No space left on device") as info:
         reader.read_file(FileJob(str(f), "data.bin", f.stat(), False))
     assert info.value.fields["path"] == str(tmp_path / "spool") and "free space" in info.value.hint
+
+
+async def test_a_stray_object_at_a_site_breaks_nothing_and_check_reports_it(tmp_path: Path) -> None:
+    from drsvc.check import check_site
+
+    src = tmp_path / "src"
+    _write_corpus(src)
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    try:
+        await app.snapshot("docs")
+        await app.store("a").put("fin/index/not-hex-at-all", b"junk")  # e.g. written by another tool
+        await app.store("a").put("fin/snapshots/zz/also-junk", b"junk")
+        o = await app.snapshot("docs")
+        assert o.protection.protected
+        report = await check_site(await app.open_repo("fin"), app.store("a"), read_data=False)
+        await app.restore("docs", tmp_path / "out", None)
+    finally:
+        await app.close()
+    assert sorted(report.problems) == [
+        "stray object fin/index/not-hex-at-all (not of this repository)",
+        "stray object fin/snapshots/zz/also-junk (not of this repository)",
+    ]
+    assert tree_state(tmp_path / "out") == tree_state(src)

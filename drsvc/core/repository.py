@@ -105,6 +105,7 @@ class Fallback:
 @dataclass
 class ReadReport:
     fallbacks: list[Fallback] = field(default_factory=list)
+    stray_keys: list[str] = field(default_factory=list)
     bytes_fetched: int = 0
     requests: int = 0
 
@@ -300,7 +301,10 @@ class Repository:
         async for info in st.list(self.layout.prefix(kind, source_tag)):
             if info.key.rsplit("/", 1)[-1].startswith("."):
                 continue
-            out.append(self.layout.parse(info.key))
+            try:
+                out.append(self.layout.parse(info.key))
+            except RepositoryError:  # a stray object (not ours) must not break listing; `check` reports it
+                self.report.stray_keys.append(f"{st.name}: {info.key}")
         return out
 
     async def snapshots(
