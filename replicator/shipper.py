@@ -45,7 +45,15 @@ class Shipper:
         except ObjectNotFound as exc:
             if exc.fields.get("site") != self.site or "source file" not in exc.message:
                 raise
-            await self.store.put(p.key, await self._from_peer(p.key))
+            data = await self._from_peer(p.key)
+            if len(data) != p.size:
+                raise ObjectNotFound(
+                    f"the copy at another site is {len(data)} bytes, the spooled object was {p.size}",
+                    key=p.key,
+                    site=self.site,
+                    hint="run `drsvc check --read-data` on every site",
+                ) from exc
+            await self.store.put(p.key, data)
         if await asyncio.to_thread(self.spool.outbox.ack, p.seq, self.site):
             await asyncio.to_thread(self.spool.shipped, p.seq, p.key)
         return p.size

@@ -390,3 +390,22 @@ async def test_a_stray_object_at_a_site_breaks_nothing_and_check_reports_it(tmp_
         "stray object fin/snapshots/zz/also-junk (not of this repository)",
     ]
     assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+async def test_restore_finds_blobs_through_another_sites_index(tmp_path: Path) -> None:
+    """Site a lost its index objects (packs intact): the restore from a reads b's indexes, a's packs."""
+    src = tmp_path / "src"
+    _write_corpus(src)
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a", "b"]), min_copies=2))
+    try:
+        await app.snapshot("docs")
+        lost = list((tmp_path / "sites" / "a" / "fin" / "index").iterdir())
+        assert lost
+        for f in lost:
+            f.unlink()
+        r = await app.restore("docs", tmp_path / "out", None, site="a")
+    finally:
+        await app.close()
+    assert r.site == "a"
+    assert not [f for f in r.fallbacks if "/data/" in f.key]  # every pack came from site a
+    assert tree_state(tmp_path / "out") == tree_state(src)

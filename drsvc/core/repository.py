@@ -235,6 +235,8 @@ class Repository:
         self.report = ReadReport()
         self._on_fallback = on_fallback
         self._index: dict[bytes, BlobLocation] | None = None
+        self._index_names: set[str] = set()
+        self._searched_all = False
 
     @classmethod
     async def open(
@@ -330,22 +332,29 @@ class Repository:
         return rec
 
     async def load_index(self) -> dict[bytes, BlobLocation]:
-        if self._index is not None:
-            return self._index
-        index: dict[bytes, BlobLocation] = {}
-        handles = await self.list_handles(Kind.INDEX)
+        """The index as listed at the preferred site (``locate`` consults the others on a miss)."""
+        if self._index is None:
+            self._index = {}
+            await self._add_indexes(self.stores[0])
+        return self._index
+
+    async def _add_indexes(self, store: ReadStore) -> None:
+        assert self._index is not None
+        handles = [
+            h for h in await self.list_handles(Kind.INDEX, store=store) if h.name not in self._index_names
+        ]
+        order = [store, *[s for s in self.stores if s is not store]]
         sem = asyncio.Semaphore(16)
 
         async def one(h: Handle) -> list[PackIndex]:
             async with sem:
-                return await self.fetch(h, lambda b: self.decode_index(h.name, b))
+                return await self.fetch(h, lambda b: self.decode_index(h.name, b), stores=order)
 
-        for packs in await asyncio.gather(*(one(h) for h in handles)):
+        for h, packs in zip(handles, await asyncio.gather(*(one(h) for h in handles)), strict=True):
+            self._index_names.add(h.name)
             for p in packs:
                 for e in p.blobs:
-                    index[e.blob_id] = BlobLocation(p.pack, p.salt, e)
-        self._index = index
-        return index
+                    self._index.setdefault(e.blob_id, BlobLocation(p.pack, p.salt, e))
 
     def decode_index(self, name: str, data: bytes) -> list[PackIndex]:
         return format.decode_index(crypto.open_object(self.keys, ObjectType.INDEX, name, data), name)
@@ -362,8 +371,21 @@ class Repository:
     async def locate(self, blob_id: bytes) -> BlobLocation:
         index = await self.load_index()
         loc = index.get(blob_id)
+        if loc is None and not self._searched_all:
+            self._searched_all = True  # the preferred site's index lacks it: read the other sites' indexes
+            for store in self.stores[1:]:
+                try:
+                    await self._add_indexes(store)
+                except StoreError:
+                    continue
+            loc = index.get(blob_id)
         if loc is None:
-            raise IntegrityError("blob is referenced but in no index", blob=blob_id.hex(), tenant=self.tenant)
+            raise IntegrityError(
+                "blob is referenced but in no index at any site",
+                blob=blob_id.hex(),
+                tenant=self.tenant,
+                sites=",".join(st.name for st in self.stores),
+            )
         return loc
 
     async def read_blob(self, blob_id: bytes) -> bytes:
