@@ -134,7 +134,10 @@ class TreeSnapshot:
         if not stat.S_ISDIR(st.st_mode):
             raise SnapshotError("the source's path is not a directory", source=self.source, path=root)
         self._root_dev = st.st_dev
-        if self.parent is None:  # a first snapshot reads everything: start the worker processes now
+        # start the worker processes now (0.3 s, in parallel with the walk) if this snapshot may need them:
+        # a first snapshot, or a source large enough that its changed files may exceed the in-process share
+        big = self.parent is None or self.parent.stats.get("bytes_total", 0) > self.dispatch.local_limit
+        if big:
             warming = asyncio.ensure_future(self.workers.warm())
         parent_root = await self._parent_nodes(self.parent.tree) if self.parent else None
         try:
@@ -144,7 +147,7 @@ class TreeSnapshot:
             await asyncio.shield(self._abort())
             raise
         finally:
-            if self.parent is None:
+            if big:
                 await asyncio.gather(warming, return_exceptions=True)
         await self._run(self.packer.flush)
         if totals is None:

@@ -6,7 +6,6 @@ from drsvc.core.config import LocalSiteConfig, S3SiteConfig
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.local import LocalStore
 from drsvc.core.stores.retry import RetryPolicy, RetryStore
-from drsvc.core.stores.s3 import S3Store
 
 
 def open_site(
@@ -17,6 +16,8 @@ def open_site(
     if isinstance(cfg, LocalSiteConfig):
         inner = LocalStore(name, cfg.path, fsync=cfg.fsync)
     else:
+        from drsvc.core.stores.s3 import S3Store  # minio takes ~90 ms to import: only when a site needs it
+
         inner = S3Store(
             name,
             cfg.endpoint,
