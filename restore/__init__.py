@@ -102,7 +102,7 @@ async def restore_tree(
         await asyncio.to_thread(_create_skeleton, str(staging), plan)
         await BlobWriter(repo, plan, str(staging), concurrency, progress).run()
         await asyncio.to_thread(_finish_metadata, str(staging), plan)
-        await asyncio.to_thread(_move_into_place, staging, target)
+        await asyncio.to_thread(_move_into_place, staging, target, record.root)
     except OSError as exc:
         await asyncio.to_thread(_remove_staging, staging)
         raise RestoreError(
@@ -175,10 +175,12 @@ def _finish_metadata(staging: str, plan: Plan) -> None:
             _apply(os.path.join(staging, rel), dnode)
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
+def _move_into_place(staging: Path, target: Path, root: Node | None) -> None:
     if target.exists():
         target.rmdir()  # checked empty before we began
     os.rename(staging, target)
+    if root is not None:  # the source directory's own mode, owner and mtime (the staging dir was 0700)
+        _apply(str(target), root)
     dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

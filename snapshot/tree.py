@@ -170,6 +170,7 @@ class TreeSnapshot:
             warnings=tuple(self.warnings[:1000]),
             stats=self.stats.as_dict(),
             index=tuple(index_names),
+            root=_node(b".", st, format.DIR, subtree=root_id),
         )
         h = Handle(Kind.SNAPSHOT, record.id, self.repo.keys.source_tag(self.source))
         key = self.repo.layout.key(h)

@@ -59,7 +59,8 @@ async def init_app(config: Config, in_process_bytes: int | None = None) -> App:
 
 def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
     """Everything a restore must reproduce: kind, mode, mtime, content or link target, per path."""
-    out: dict[str, tuple[Any, ...]] = {}
+    top = root.stat()
+    out: dict[str, tuple[Any, ...]] = {".": ("d", stat.S_IMODE(top.st_mode), top.st_mtime_ns)}
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             p = Path(dirpath) / name

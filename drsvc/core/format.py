@@ -299,6 +299,7 @@ class SnapshotRecord:
     warnings: tuple[str, ...] = ()
     stats: dict[str, int] = field(default_factory=dict)
     index: tuple[str, ...] = ()  # index objects written by this snapshot
+    root: Node | None = None  # the source directory itself (mode, owner, mtime); records before it: None
 
 
 def encode_snapshot(s: SnapshotRecord) -> bytes:
@@ -317,6 +318,7 @@ def encode_snapshot(s: SnapshotRecord) -> bytes:
             "warnings": list(s.warnings),
             "stats": s.stats,
             "index": list(s.index),
+            **({"root": s.root.to_wire()} if s.root is not None else {}),
         }
     )
 
@@ -344,6 +346,7 @@ def decode_snapshot(data: bytes, where: str) -> SnapshotRecord:
             warnings=tuple(str(w) for w in o["warnings"]),
             stats={str(k): int(v) for k, v in o["stats"].items()},
             index=tuple(str(i) for i in o["index"]),
+            root=Node.from_wire(o["root"]) if "root" in o else None,
         )
     except _MALFORMED as exc:
         raise IntegrityError(f"malformed snapshot record: {exc}", object=where) from None
