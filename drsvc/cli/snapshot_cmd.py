@@ -15,11 +15,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser("snapshot", help="snapshot a source now and ship it")
     p.add_argument("source")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--in-process-bytes", type=int, default=None, help=argparse.SUPPRESS)  # tests, benchmarks
     p.set_defaults(handler=run)
 
 
 async def run(args: argparse.Namespace) -> int:
     async with App(load_config(args.config)) as app:
+        if args.in_process_bytes is not None:
+            app.in_process_bytes = args.in_process_bytes
         o = await app.snapshot(args.source)
     r, s, p = o.result, o.result.stats, o.protection
     if args.json:
