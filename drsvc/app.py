@@ -25,6 +25,7 @@ from drsvc.core.repository import RepoParams, Repository, init_repository, read_
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.compose import open_site
+from snapshot import SnapshotResult, Stats
 
 
 @dataclass
@@ -41,6 +42,7 @@ class App:
         self._stores: dict[str, ObjectStore] = {}
         self._spool: Spool | None = None
         self._workers: snapshot.WorkerPool | None = None
+        self._unlocked: dict[str, Repository] = {}
         self.worker_count = workers or os.cpu_count() or 2
         self.in_process_bytes = snapshot.LOCAL_LIMIT  # snapshot data read before the workers start
         self.pool = ThreadPoolExecutor(max_workers=self.worker_count, thread_name_prefix="data")
@@ -103,8 +105,14 @@ class App:
         names = self.config.tenant_sites(tenant)
         if site is not None:
             names = [site, *[n for n in names if n != site]]
+        stores = [self.store(n) for n in names]
+        unlocked = self._unlocked.get(tenant)
+        if unlocked is not None:  # the key slot was opened once (scrypt): reuse the keys, read afresh
+            return Repository(tenant, unlocked.keys, unlocked.params, stores)
         kind, secret = self.key_material(tenant)
-        return await Repository.open(tenant, [self.store(n) for n in names], kind, secret)
+        repo = await Repository.open(tenant, stores, kind, secret)
+        self._unlocked[tenant] = repo
+        return Repository(tenant, repo.keys, repo.params, repo.stores)
 
     # -- operations -------------------------------------------------------------------------------
     async def init_tenant(self, tenant: str, scrypt: ScryptParams | None = None) -> list[str]:
@@ -171,6 +179,26 @@ class App:
         reports = await shipping
         prot = await asyncio.to_thread(replicator.protection, self.spool, result.key, sc.sites, sc.min_copies)
         return SnapshotOutcome(result, prot, reports, loop.time() - started)
+
+    async def snapshot_to_spool(
+        self, source: str, progress: Callable[[Stats], None] | None = None
+    ) -> SnapshotResult:
+        """Take a snapshot into the spool only; the daemon's shippers move it to the sites."""
+        sc = self.config.source(source)
+        repo = await self.open_repo(sc.tenant)
+        stores = [self.store(n) for n in sc.sites]
+        return await snapshot.take_snapshot(
+            source,
+            sc,
+            repo,
+            self.spool,
+            stores,
+            self.cache_dir,
+            self.pool,
+            self.workers,
+            progress,
+            self.in_process_bytes,
+        )
 
     async def snapshots(
         self, source: str, site: str | None = None

@@ -61,6 +61,23 @@ def parse_size(value: int | str) -> int:
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]  # 8MiB, 500MB or 1048576
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: int | float | str) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a duration: a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (write e.g. 30s, 15m, 6h, 1d or a number of seconds)")
+    return float(m.group(1)) * _SECONDS[m.group(2) or "s"]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -206,6 +223,10 @@ class SourceConfig(_Model):
     # (4/8/16 KiB); 32 KiB stores ~1.4x the real change of scattered page writes (benchmarks/results)
     page_chunk: Size = Field(default=32 * 1024, ge=4096, le=4 * 1024 * 1024)
     one_file_system: bool = True
+    # the daemon snapshots every `interval` (seconds, or "15m", "6h", "1d"); targets feed the RPO alerts
+    interval: Duration = 3600.0
+    rpo_target: Duration | None = None
+    rto_target: Duration | None = None
 
     # field validators, not a model validator, so that the error names the key (sources.<name>.min_copies)
     @field_validator("sites")
@@ -252,8 +273,15 @@ class StateConfig(_Model):
         return parse_size(v)
 
 
+class DaemonConfig(_Model):
+    listen: str = "127.0.0.1:8080"  # the HTTP listener: /metrics, /healthz, /readyz
+    drain_timeout: Duration = 20.0  # SIGTERM: seconds to finish in-flight uploads (keep below TimeoutStopSec)
+    tick: Duration = 1.0  # supervisor loop period: metrics, status line, watchdog progress
+
+
 class Config(_Model):
     state: StateConfig
+    daemon: DaemonConfig = DaemonConfig()
     tenants: dict[Annotated[str, Field(pattern=_NAME)], TenantConfig]
     sites: dict[Annotated[str, Field(pattern=_NAME)], SiteConfig]
     sources: dict[Annotated[str, Field(pattern=_NAME)], SourceConfig]

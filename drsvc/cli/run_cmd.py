@@ -1,0 +1,139 @@
+"""drsvc run: the long-running replication daemon (systemd Type=notify).
+
+READY=1 after start-up; STATUS= each tick; WATCHDOG=1 only while the supervisor makes progress. SIGTERM (and
+SIGINT) stop intake, drain uploads within daemon.drain_timeout, persist state and exit 0. SIGHUP reloads the
+config: an invalid one is refused with a log line and the running one stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from drsvc import logs
+from drsvc.app import App
+from drsvc.core.config import Config, load_config
+from drsvc.core.errors import DRError
+from drsvc.http import HealthChecks, make_app, parse_listen, serve
+from drsvc.metrics import Metrics
+from drsvc.notify import Notifier, WatchdogPinger
+from drsvc.supervisor import Supervisor
+
+log = logging.getLogger("drsvc.run")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the replication daemon in the foreground")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=run)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, config: Config) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.metrics = Metrics()
+        self.notifier = Notifier.from_env()
+        self.pinger = WatchdogPinger.for_notifier(self.notifier)
+        self.app: App | None = None
+        self.supervisor: Supervisor | None = None
+
+    def ready(self) -> tuple[bool, list[str]]:
+        if self.supervisor is None:
+            return False, ["starting or reloading"]
+        return self.supervisor.ready()
+
+    async def start_supervisor(self) -> None:
+        self.app = App(self.config)
+        self.supervisor = Supervisor(
+            self.app, self.metrics, on_progress=self._progress, on_status=self._status
+        )
+        await self.supervisor.start()
+
+    def _status(self, line: str) -> None:
+        self.notifier.status(line)
+
+    def _progress(self) -> None:
+        if self.pinger is not None:
+            self.pinger.progress()
+
+    async def stop_supervisor(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop(self.config.daemon.drain_timeout)
+        if self.app is not None:
+            await self.app.close()
+        self.supervisor, self.app = None, None
+
+    async def reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+        except DRError as exc:
+            log.error(
+                "reload refused: the new config is invalid; the running one stays",
+                extra={"error": str(exc), "config": str(self.config_path)},
+            )
+            self.notifier.status(f"reload refused: {exc}")
+            return
+        self.notifier.reloading()
+        log.info("reloading", extra={"config": str(self.config_path)})
+        old = {f"{s.tenant}/{n}" for n, s in self.config.sources.items()}
+        await self.stop_supervisor()
+        for gone in old - {f"{s.tenant}/{n}" for n, s in new.sources.items()}:
+            tenant, source = gone.split("/", 1)
+            self.metrics.remove_source(tenant, source)
+        for site in set(self.config.sites) - set(new.sites):
+            self.metrics.remove_site(site)
+        self.config = new
+        await self.start_supervisor()
+        self.notifier.ready()
+        log.info("reloaded", extra={"sources": len(new.sources), "sites": len(new.sites)})
+
+    async def main(self) -> int:
+        host, port = parse_listen(self.config.daemon.listen)
+        runner = await serve(make_app(self.metrics, HealthChecks(lambda: True, self.ready)), host, port)
+        loop = asyncio.get_running_loop()
+        stop, hup = asyncio.Event(), asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        try:
+            await self.start_supervisor()
+            if self.pinger is not None:
+                self.pinger.start()
+            self.notifier.ready()
+            log.info(
+                "started",
+                extra={
+                    "listen": self.config.daemon.listen,
+                    "sources": len(self.config.sources),
+                    "sites": len(self.config.sites),
+                },
+            )
+            while not stop.is_set():
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hup.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                if hup.is_set() and not stop.is_set():
+                    hup.clear()
+                    await self.reload()
+            self.notifier.stopping()
+            log.info("stopping", extra={"drain_timeout": self.config.daemon.drain_timeout})
+            await self.stop_supervisor()
+            log.info("stopped")
+            return 0
+        finally:
+            if self.pinger is not None:
+                await self.pinger.stop()
+            await self.stop_supervisor()
+            await runner.cleanup()
+
+
+async def run(args: argparse.Namespace) -> int:
+    logs.setup(args.log_level)
+    path = Path(args.config)
+    return await Daemon(path, load_config(path)).main()

@@ -1,0 +1,229 @@
+"""Prometheus metrics of one daemon, in a registry of its own.
+
+1. ``Metrics()`` builds every ``drsvc_*`` family in a private ``CollectorRegistry``: several daemons
+   (or tests) in one process never share or collide on series.
+2. The supervisor reports facts through typed helpers (``source_snapshot``, ``source_protected``,
+   ``site_backlog``, ...); nobody else touches the prometheus objects or formats label values.
+3. ``update_rpo(now_s)`` recomputes every source's RPO gauge (now − protected_until) from the stored
+   protected_until values; the supervisor calls it on each tick and before a scrape is served.
+4. ``remove_source`` / ``remove_site`` drop every label set of a source or site on a config reload, so a
+   removed source stops showing a growing RPO.
+5. ``render()`` returns the exposition body and its content type for the HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+from typing import Literal, get_args
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+Outcome = Literal["ok", "partial", "failed"]
+Op = Literal["put", "get", "list", "stat", "delete"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+OPS: tuple[Op, ...] = get_args(Op)
+
+SNAPSHOT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("drsvc")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """Every metric family of one daemon; the helpers are the only way to change a value."""
+
+    def __init__(self, version: str | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        src = ("tenant", "source")
+
+        self._rpo = Gauge(
+            "drsvc_source_rpo_seconds",
+            "Seconds of changes that would be lost now: now - protected_until",
+            src,
+            registry=r,
+        )
+        self._last_snapshot = Gauge(
+            "drsvc_source_last_snapshot_timestamp_seconds",
+            "Unix time of the source's last completed snapshot",
+            src,
+            registry=r,
+        )
+        self._last_protected = Gauge(
+            "drsvc_source_last_protected_timestamp_seconds",
+            "Unix time up to which the source is held by at least min_copies sites",
+            src,
+            registry=r,
+        )
+        self._snapshots = Counter(
+            "drsvc_source_snapshots_total",
+            "Snapshots taken, by outcome",
+            (*src, "outcome"),
+            registry=r,
+        )
+        self._snapshot_duration = Histogram(
+            "drsvc_source_snapshot_duration_seconds",
+            "Wall time of one snapshot",
+            src,
+            buckets=SNAPSHOT_BUCKETS,
+            registry=r,
+        )
+
+        self._site_up = Gauge(
+            "drsvc_site_up", "1 if the site answered its last probe, else 0", ("site",), registry=r
+        )
+        self._backlog_objects = Gauge(
+            "drsvc_site_backlog_objects",
+            "Objects spooled but not yet shipped to the site",
+            ("site",),
+            registry=r,
+        )
+        self._backlog_bytes = Gauge(
+            "drsvc_site_backlog_bytes", "Bytes spooled but not yet shipped to the site", ("site",), registry=r
+        )
+        self._backlog_age = Gauge(
+            "drsvc_site_backlog_oldest_age_seconds",
+            "Age of the oldest object waiting for the site (0 when the backlog is empty)",
+            ("site",),
+            registry=r,
+        )
+        self._shipped = Counter(
+            "drsvc_site_shipped_bytes_total", "Bytes shipped to the site", ("site",), registry=r
+        )
+        self._site_errors = Counter(
+            "drsvc_site_errors_total", "Failed requests to the site, by kind", ("site", "kind"), registry=r
+        )
+        self._request = Histogram(
+            "drsvc_site_request_seconds",
+            "Latency of one object-store request, by operation",
+            ("site", "op"),
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+
+        self._spool_used = Gauge("drsvc_spool_used_bytes", "Bytes held in the local spool", registry=r)
+        self._spool_quota = Gauge(
+            "drsvc_spool_quota_bytes", "Spool quota in bytes (0: unlimited)", registry=r
+        )
+        self._spool_full = Gauge("drsvc_spool_full", "1 when the spool refuses new data, else 0", registry=r)
+
+        self._build = Gauge(
+            "drsvc_build_info", "Always 1; the label carries the version", ("version",), registry=r
+        )
+        self._build.labels(version or _package_version()).set(1)
+
+        self._protected_until: dict[tuple[str, str], float] = {}
+        self._sources: set[tuple[str, str]] = set()
+        self._error_kinds: dict[str, set[str]] = {}
+
+    # -- sources ---------------------------------------------------------------------------------------------
+
+    def source_snapshot(
+        self, tenant: str, source: str, outcome: Outcome, duration_s: float, snapshot_time_s: float
+    ) -> None:
+        """One snapshot finished; a failed one is counted and timed but leaves the last-snapshot time."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        self._touch_source(tenant, source)
+        self._snapshots.labels(tenant, source, outcome).inc()
+        self._snapshot_duration.labels(tenant, source).observe(duration_s)
+        if outcome != "failed":
+            self._last_snapshot.labels(tenant, source).set(snapshot_time_s)
+
+    def source_protected(self, tenant: str, source: str, protected_until_s: float) -> None:
+        """The source's data up to ``protected_until_s`` is now held by enough sites."""
+        self._touch_source(tenant, source)
+        self._protected_until[(tenant, source)] = protected_until_s
+        self._last_protected.labels(tenant, source).set(protected_until_s)
+
+    def update_rpo(self, now_s: float) -> None:
+        """Set every protected source's RPO gauge to ``now_s - protected_until`` (never below 0)."""
+        for (tenant, source), until in self._protected_until.items():
+            self._rpo.labels(tenant, source).set(max(0.0, now_s - until))
+
+    def remove_source(self, tenant: str, source: str) -> None:
+        """Drop every series of the source (config reload removed it); unknown sources are ignored."""
+        key = (tenant, source)
+        self._sources.discard(key)
+        self._protected_until.pop(key, None)
+        for family in (self._rpo, self._last_snapshot, self._last_protected, self._snapshot_duration):
+            with contextlib.suppress(KeyError):
+                family.remove(tenant, source)
+        for outcome in OUTCOMES:
+            with contextlib.suppress(KeyError):
+                self._snapshots.remove(tenant, source, outcome)
+
+    def _touch_source(self, tenant: str, source: str) -> None:
+        # The first sighting creates every outcome at 0, so rate() sees each series from the start.
+        if (tenant, source) not in self._sources:
+            self._sources.add((tenant, source))
+            for outcome in OUTCOMES:
+                self._snapshots.labels(tenant, source, outcome)
+
+    # -- sites -----------------------------------------------------------------------------------------------
+
+    def site_up(self, site: str, up: bool) -> None:
+        self._site_up.labels(site).set(1 if up else 0)
+
+    def site_backlog(self, site: str, objects: int, nbytes: int, oldest_age_s: float) -> None:
+        self._backlog_objects.labels(site).set(objects)
+        self._backlog_bytes.labels(site).set(nbytes)
+        self._backlog_age.labels(site).set(oldest_age_s)
+
+    def site_shipped(self, site: str, nbytes: int) -> None:
+        self._shipped.labels(site).inc(nbytes)
+
+    def site_error(self, site: str, kind: str) -> None:
+        """A request to the site failed; ``kind`` is a short fixed word (timeout, denied, ...)."""
+        self._error_kinds.setdefault(site, set()).add(kind)
+        self._site_errors.labels(site, kind).inc()
+
+    def observe_request(self, site: str, op: Op, seconds: float) -> None:
+        if op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(OPS)}, not {op!r}")
+        self._request.labels(site, op).observe(seconds)
+
+    def remove_site(self, site: str) -> None:
+        """Drop every series of the site (config reload removed it); unknown sites are ignored."""
+        for family in (
+            self._site_up,
+            self._backlog_objects,
+            self._backlog_bytes,
+            self._backlog_age,
+            self._shipped,
+        ):
+            with contextlib.suppress(KeyError):
+                family.remove(site)
+        for kind in self._error_kinds.pop(site, set()):
+            with contextlib.suppress(KeyError):
+                self._site_errors.remove(site, kind)
+        for op in OPS:
+            with contextlib.suppress(KeyError):
+                self._request.remove(site, op)
+
+    # -- spool and exposition --------------------------------------------------------------------------------
+
+    def spool(self, used: int, quota: int, full: bool | None = None) -> None:
+        """Spool usage; ``full`` defaults to ``quota > 0 and used >= quota`` (a quota of 0 is unlimited)."""
+        if full is None:
+            full = quota > 0 and used >= quota
+        self._spool_used.set(used)
+        self._spool_quota.set(quota)
+        self._spool_full.set(1 if full else 0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition of this registry and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,320 @@
+"""The daemon's supervisor: per source a scheduler, per site a shipper loop; protection and live RPO.
+
+1. ``start()``: one ``SiteLoop`` per site that any source uses. It ships that site's backlog from the spool
+   (``replicator.Shipper``), wakes on every spooled object, and after a failure backs off (1 s doubling to
+   60 s) and tries again, so a site that comes back catches up from the spool.
+2. One scheduler per source takes a snapshot when ``interval`` has passed since its last one (one snapshot
+   at a time per daemon: they share the worker processes). The snapshot goes into the spool; its record is
+   tracked until ``min_copies`` sites hold it.
+3. ``tick()`` (every ``daemon.tick`` seconds; ``run_once()`` for tests): tracked records that reached
+   ``min_copies`` advance the source's ``protected_until`` (persisted in the outbox's meta table), then the
+   metrics (RPO, backlog, spool) and the status line are refreshed and watchdog progress is reported.
+4. ``stop(timeout)``: stop intake (schedulers), let the site loops finish their uploads until the deadline,
+   cancel what is left. Everything unshipped stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import replicator
+from drsvc.app import App
+from drsvc.core.errors import DRError
+from drsvc.core.stores import ObjectStore
+from drsvc.metrics import Metrics, Outcome
+from replicator import Shipper
+
+log = logging.getLogger("drsvc.supervisor")
+
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+IDLE_POLL = 5.0
+
+
+@dataclass
+class Tracked:
+    """A snapshot record waiting for min_copies sites."""
+
+    source: str
+    key: str
+    time_ns: int
+
+
+@dataclass
+class SourceState:
+    tenant: str
+    last_snapshot: float = 0.0  # wall-clock seconds of the last finished snapshot (its scan start)
+    protected_until: float = 0.0  # wall-clock seconds: every change up to here is at >= min_copies sites
+    last_error: str | None = None
+    running: bool = False
+
+
+class SiteLoop:
+    """Ships one site's backlog for as long as the daemon runs."""
+
+    def __init__(self, store: ObjectStore, app: App, peers: list[ObjectStore], metrics: Metrics) -> None:
+        cfg = app.config.sites[store.name]
+        self.site = store.name
+        self.shipper = Shipper(store, app.spool, cfg.concurrency, peers)
+        self.metrics = metrics
+        self.up = True
+        self.last_error: str | None = None
+        self.last_ack: float | None = None
+        self.backoff = BACKOFF_MIN
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.shipper.wakeup.clear()  # before the pass: an object spooled during it wakes the next one
+            report = await self.shipper.run_once()
+            if report.shipped:
+                self.last_ack = time.time()
+                self.metrics.site_shipped(self.site, report.bytes)
+            for kind, n in report.errors_by_kind.items():
+                for _ in range(n):
+                    self.metrics.site_error(self.site, kind)
+            if report.error:
+                if self.up:
+                    log.warning("site is down", extra={"site": self.site, "error": report.error})
+                self.up, self.last_error = False, report.error
+                delay, self.backoff = self.backoff, min(BACKOFF_MAX, self.backoff * 2)
+            else:
+                if not self.up:
+                    log.info("site is back", extra={"site": self.site})
+                self.up, self.last_error, self.backoff = True, None, BACKOFF_MIN
+                delay = IDLE_POLL
+            self.metrics.site_up(self.site, self.up)
+            await _wait_any(stop, self.shipper.wakeup, delay, wake_ok=not report.error)
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float, wake_ok: bool) -> None:
+    """Sleep until `stop`, or `wake` (unless backing off), or the timeout."""
+    waits = [asyncio.ensure_future(stop.wait())]
+    if wake_ok:
+        waits.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+@dataclass
+class Supervisor:
+    app: App
+    metrics: Metrics
+    on_progress: Callable[[], None] | None = None
+    on_status: Callable[[str], None] | None = None
+    clock: Callable[[], float] = time.time
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    sites: dict[str, SiteLoop] = field(default_factory=dict)
+    tracked: list[Tracked] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.app.config
+        outbox = self.app.spool.outbox
+        for name, sc in cfg.sources.items():
+            st = SourceState(sc.tenant)
+            st.last_snapshot = float(outbox.get_meta(f"last_snapshot:{name}") or 0)
+            st.protected_until = float(outbox.get_meta(f"protected_until:{name}") or 0)
+            self.sources[name] = st
+            if st.protected_until:
+                self.metrics.source_protected(sc.tenant, name, st.protected_until)
+        self.tracked = [
+            Tracked(**t) for t in json.loads(outbox.get_meta("tracked") or "[]") if t["source"] in cfg.sources
+        ]
+        names = list(dict.fromkeys(s for sc in cfg.sources.values() for s in sc.sites))
+        stores = {n: self.app.store(n) for n in names}
+        for n in names:
+            self.sites[n] = SiteLoop(stores[n], self.app, [stores[p] for p in names if p != n], self.metrics)
+        self.metrics.spool(self.app.spool.used_bytes(), cfg.state.spool_quota)
+        self._stop = asyncio.Event()
+        self._intake = asyncio.Event()  # set: schedulers stop taking snapshots
+        self._snapshot_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._site_tasks: list[asyncio.Task[None]] = []
+
+    # -- one step, for tests and for the loop -----------------------------------------------------
+    def due(self, now: float) -> list[str]:
+        return [
+            n
+            for n, st in self.sources.items()
+            if not st.running and now - st.last_snapshot >= self.app.config.sources[n].interval
+        ]
+
+    async def snapshot(self, source: str) -> None:
+        """Take one snapshot of `source` into the spool and track its record."""
+        st = self.sources[source]
+        async with self._snapshot_lock:
+            st.running = True
+            began = time.monotonic()
+            try:
+                result = await self.app.snapshot_to_spool(source)
+            except Exception as exc:  # one source failing never stops the daemon; the next interval retries
+                st.last_error = str(exc)
+                self.metrics.source_snapshot(st.tenant, source, "failed", time.monotonic() - began, 0)
+                log.error(
+                    "snapshot failed",
+                    extra={"source": source, "error": str(exc)},
+                    exc_info=not isinstance(exc, DRError),
+                )
+                st.last_snapshot = self.clock()  # back off for one interval rather than retry at once
+                return
+            finally:
+                st.running = False
+        rec = result.record
+        st.last_snapshot, st.last_error = rec.time_ns / 1e9, None
+        outcome: Outcome = "partial" if rec.partial else "ok"
+        self.metrics.source_snapshot(st.tenant, source, outcome, time.monotonic() - began, rec.time_ns / 1e9)
+        self.tracked.append(Tracked(source, result.key, rec.time_ns))
+        outbox = self.app.spool.outbox
+        await asyncio.to_thread(outbox.set_meta, f"last_snapshot:{source}", repr(st.last_snapshot))
+        await asyncio.to_thread(self._save_tracked)
+        log.info(
+            "snapshot taken",
+            extra={
+                "source": source,
+                "snapshot": rec.id,
+                "files": result.stats.files,
+                "stored_bytes": result.stats.bytes_stored,
+                "partial": rec.partial,
+            },
+        )
+
+    def _save_tracked(self) -> None:
+        self.app.spool.outbox.set_meta("tracked", json.dumps([t.__dict__ for t in self.tracked]))
+
+    async def tick(self) -> None:
+        """Protection, metrics, status line, watchdog progress."""
+        cfg = self.app.config
+        spool = self.app.spool
+        still: list[Tracked] = []
+        for t in self.tracked:
+            sc = cfg.sources[t.source]
+            p = await asyncio.to_thread(replicator.protection, spool, t.key, sc.sites, sc.min_copies)
+            if not p.protected:
+                still.append(t)
+                continue
+            st = self.sources[t.source]
+            if t.time_ns / 1e9 > st.protected_until:
+                st.protected_until = t.time_ns / 1e9
+                self.metrics.source_protected(st.tenant, t.source, st.protected_until)
+                await asyncio.to_thread(
+                    spool.outbox.set_meta, f"protected_until:{t.source}", repr(st.protected_until)
+                )
+        if len(still) != len(self.tracked):
+            self.tracked = still
+            await asyncio.to_thread(self._save_tracked)
+        now = self.clock()
+        self.metrics.update_rpo(now)
+        for name in self.sites:
+            b = await asyncio.to_thread(spool.outbox.backlog, name)
+            self.metrics.site_backlog(name, b.objects, b.bytes, (now - b.oldest) if b.oldest else 0.0)
+        self.metrics.spool(await asyncio.to_thread(spool.used_bytes), cfg.state.spool_quota)
+        if self.on_status:
+            self.on_status(self.status_line(now))
+        if self.on_progress:
+            self.on_progress()
+
+    def status_line(self, now: float) -> str:
+        up = sum(1 for s in self.sites.values() if s.up)
+        worst = max((now - st.protected_until for st in self.sources.values()), default=0.0)
+        rpo = (
+            "never protected"
+            if any(st.protected_until == 0 for st in self.sources.values())
+            else f"{worst:.0f}s"
+        )
+        return f"{len(self.sources)} sources, {up}/{len(self.sites)} sites up, worst RPO {rpo}"
+
+    def ready(self) -> tuple[bool, list[str]]:
+        reasons = []
+        for name, sc in self.app.config.sources.items():
+            up = sum(1 for s in sc.sites if self.sites[s].up)
+            if up < sc.min_copies:
+                reasons.append(f"source {name}: {up} of min_copies {sc.min_copies} sites reachable")
+        return not reasons, reasons
+
+    async def run_once(self) -> None:
+        """Everything one pass of the daemon does: due snapshots, one shipping pass per site, a tick."""
+        for source in self.due(self.clock()):
+            await self.snapshot(source)
+        await replicator.replicate(
+            self.app.spool,
+            [loop.shipper.store for loop in self.sites.values()],
+            {n: self.app.config.sites[n].concurrency for n in self.sites},
+        )
+        await self.tick()
+
+    # -- the long-running shape -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._site_tasks = [
+            asyncio.create_task(loop.run(self._stop), name=f"site:{n}") for n, loop in self.sites.items()
+        ]
+        unsubscribe = self.app.spool.subscribe(self._wake_all)
+        self._unsubscribe = unsubscribe
+        self._tasks = [
+            asyncio.create_task(self._schedule(), name="scheduler"),
+            asyncio.create_task(self._ticker(), name="ticker"),
+        ]
+
+    def _wake_all(self) -> None:
+        """Called from whichever thread spooled an object: hand the wake-up to the daemon's loop."""
+        for s in self.sites.values():
+            self._loop.call_soon_threadsafe(s.shipper.wakeup.set)
+
+    async def _schedule(self) -> None:
+        while not self._intake.is_set():
+            for source in self.due(self.clock()):
+                if self._intake.is_set():
+                    return
+                await self.snapshot(source)
+            nxt = min(
+                (
+                    st.last_snapshot + self.app.config.sources[n].interval - self.clock()
+                    for n, st in self.sources.items()
+                ),
+                default=IDLE_POLL,
+            )
+            try:
+                await asyncio.wait_for(self._intake.wait(), max(0.05, min(nxt, IDLE_POLL)))
+            except TimeoutError:
+                pass
+
+    async def _ticker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.tick()
+            except DRError as exc:
+                log.error("tick failed", extra={"error": str(exc)})
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.app.config.daemon.tick)
+            except TimeoutError:
+                pass
+
+    async def stop(self, grace: float) -> None:
+        """Stop intake, drain in-flight uploads within `grace` seconds, cancel the rest, persist state."""
+        self._intake.set()
+        scheduler, ticker = self._tasks if self._tasks else (None, None)
+        deadline = time.monotonic() + grace
+        if scheduler is not None:
+            try:  # a snapshot in progress finishes into the spool if the deadline allows
+                await asyncio.wait_for(asyncio.shield(scheduler), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                scheduler.cancel()
+        self._stop.set()  # site loops finish their current pass (their uploads in flight), then exit
+        if self._site_tasks:
+            _done, pending = await asyncio.wait(
+                self._site_tasks, timeout=max(0.0, deadline - time.monotonic())
+            )
+            for t in pending:
+                t.cancel()
+        everything = [t for t in (scheduler, ticker) if t is not None] + self._site_tasks
+        await asyncio.gather(*everything, return_exceptions=True)
+        if getattr(self, "_unsubscribe", None):
+            self._unsubscribe()
+        await self.tick()  # protection reached during the drain is recorded before exit

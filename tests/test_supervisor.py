@@ -1,0 +1,183 @@
+"""The daemon's supervisor, driven step by step (run_once), and `drsvc run` as systemd runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from helpers import init_app, local_sites, make_config, tree_state
+from prometheus_client.parser import text_string_to_metric_families
+
+from drsvc.core.errors import TransientStoreError
+from drsvc.core.stores.faults import Fault, FaultyStore
+from drsvc.metrics import Metrics
+from drsvc.supervisor import Supervisor
+
+
+def _corpus(src: Path) -> None:
+    rng = random.Random(11)
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}.txt").write_bytes(rng.randbytes(rng.randint(10, 200_000)))
+
+
+def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    body, _ = metrics.render()
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_run_once_snapshots_when_due_and_reports_protection_and_rpo(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _corpus(src)
+    app = await init_app(
+        make_config(tmp_path, src, local_sites(tmp_path, ["a", "b"]), min_copies=2, source={"interval": 600})
+    )
+    clock, metrics = Clock(), Metrics()
+    sup = Supervisor(app, metrics, clock=clock)
+    try:
+        await sup.run_once()
+        st = sup.sources["docs"]
+        first = st.last_snapshot
+        assert first > 0 and st.protected_until == first
+        clock.now = first + 42
+        await sup.run_once()  # not due again before 600 s: no new snapshot, RPO grows
+        assert sup.sources["docs"].last_snapshot == first
+        s = _samples(metrics)
+        assert s[("drsvc_source_rpo_seconds", (("source", "docs"), ("tenant", "fin")))] == 42
+        assert s[("drsvc_site_backlog_objects", (("site", "a"),))] == 0
+        assert sup.status_line(clock.now) == "1 sources, 2/2 sites up, worst RPO 42s"
+        clock.now += 600
+        (src / "new.txt").write_text("new\n")
+        await sup.run_once()
+        assert sup.sources["docs"].last_error is None, sup.sources["docs"].last_error
+        assert st.last_snapshot > first and st.protected_until == st.last_snapshot
+    finally:
+        await app.close()
+    # protected_until and the schedule survive a restart (outbox meta)
+    again = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a", "b"]), min_copies=2))
+    try:
+        sup2 = Supervisor(again, Metrics())
+        assert sup2.sources["docs"].protected_until == sup.sources["docs"].protected_until
+        await again.restore("docs", tmp_path / "out", None, site="b")
+    finally:
+        await again.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+async def test_a_site_down_keeps_protection_and_its_backlog_drains_when_it_returns(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _corpus(src)
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a", "b", "c"]), min_copies=2))
+    healthy = app.store("c")
+    app._stores["c"] = FaultyStore(healthy, [Fault("put", error=TransientStoreError("down", site="c"))])
+    metrics = Metrics()
+    sup = Supervisor(app, metrics)
+    try:
+        await sup.run_once()
+        assert sup.sources["docs"].protected_until > 0  # a and b: min_copies met
+        backlog = _samples(metrics)[("drsvc_site_backlog_objects", (("site", "c"),))]
+        assert backlog > 0
+        app._stores["c"] = healthy
+        sup.sites["c"].shipper.store = healthy
+        await sup.run_once()
+        assert _samples(metrics)[("drsvc_site_backlog_objects", (("site", "c"),))] == 0
+    finally:
+        await app.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_drsvc_run_speaks_systemd_serves_health_and_drains_on_sigterm(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _corpus(src)
+    port = _free_port()
+    cfg = tmp_path / "drsvc.toml"
+    text = (
+        f'[state]\ndir = "{tmp_path}/state"\n'
+        f'[daemon]\nlisten = "127.0.0.1:{port}"\ntick = 0.2\ndrain_timeout = 5\n'
+        '[tenants.fin.key.passphrase]\nvalue = "pw"\n'
+        f'[sites.a]\ntype = "local"\npath = "{tmp_path}/sites/a"\n'
+        f'[sites.b]\ntype = "local"\npath = "{tmp_path}/sites/b"\n'
+        f'[sources.docs]\ntenant = "fin"\ntype = "tree"\npath = "{src}"\nsites = ["a", "b"]\nmin_copies = 2\n'
+        'interval = "1h"\n'
+    )
+    cfg.write_text(text)
+    cli = [sys.executable, "-m", "drsvc.cli.main", "-c", str(cfg)]
+    subprocess.run([*cli, "init", "fin", "--scrypt-n", "1024"], check=True, capture_output=True)
+    sock_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    notify.settimeout(20)
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([*cli, "run"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        messages: list[str] = []
+
+        def until(pred: str) -> None:
+            while not any(pred in m for m in messages):
+                messages.append(notify.recv(4096).decode())
+
+        until("READY=1")
+        until("STATUS=1 sources, 2/2 sites up")
+        until("WATCHDOG=1")
+        deadline = time.monotonic() + 20
+        while "worst RPO never" in [m for m in messages if m.startswith("STATUS=")][-1]:
+            assert time.monotonic() < deadline, messages[-5:]
+            messages.append(notify.recv(4096).decode())
+        assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        code, body = _get(f"http://127.0.0.1:{port}/readyz")
+        assert code == 200, body
+        metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
+        assert 'drsvc_source_rpo_seconds{source="docs",tenant="fin"}' in metrics
+
+        cfg.write_text(text.replace("min_copies = 2", "min_copies = 7"))  # invalid: only 2 sites
+        proc.send_signal(signal.SIGHUP)
+        until("STATUS=reload refused")
+        assert proc.poll() is None and _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - began < 5 + 3  # drain_timeout plus shutdown
+        until("STOPPING=1")
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        refused = [entry for entry in lines if entry["msg"].startswith("reload refused")]
+        assert refused and "min_copies = 7" in refused[0]["error"]
+        assert any(entry["msg"] == "stopped" for entry in lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
