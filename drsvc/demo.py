@@ -1,6 +1,8 @@
-"""`make run`: a sample source and two local-directory sites under ./var; snapshot, restore, show both.
+"""`make run`: the daemon on the embedded default, in the foreground.
 
-The daemon issue turns this into the long-running service; until then it shows the whole path once.
+It makes a sample tree source and two local-directory sites under ./var, creates the tenant repository,
+takes and restores one snapshot to show the whole path, prints what to curl, then runs `drsvc run` (the
+HTTP listener on 127.0.0.1:8080) until Ctrl-C. `--once` stops after the snapshot and restore.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ type = "tree"
 path = "sample"
 sites = ["local-a", "local-b"]
 min_copies = 2
+interval = "5m"
+rpo_target = "15m"
+
+[daemon]
+listen = "{listen}"
 """
 
 
@@ -69,11 +76,11 @@ def same_tree(a: Path, b: Path) -> bool:
     return all(same_tree(a / d, b / d) for d in cmp.common_dirs)
 
 
-async def demo(root: Path) -> int:
+async def demo(root: Path, listen: str) -> int:
     root.mkdir(parents=True, exist_ok=True)
     cfg_path = root / "drsvc.toml"
     if not cfg_path.exists():
-        cfg_path.write_text(CONFIG, encoding="utf-8")
+        cfg_path.write_text(CONFIG.format(listen=listen), encoding="utf-8")
         (root / "demo.passphrase").write_text("correct horse battery staple\n", encoding="utf-8")
         os.chmod(root / "demo.passphrase", 0o600)
     make_sample(root / "sample")
@@ -97,19 +104,34 @@ async def demo(root: Path) -> int:
         )
     ok = same_tree(root / "sample", target)
     print(f"restored tree equals the source: {ok}")
-    print(
-        f"\nTry it yourself:\n  .venv/bin/drsvc -c {cfg_path} ls sample\n"
-        f"  .venv/bin/drsvc -c {cfg_path} check demo --read-data\n"
-        f"  .venv/bin/drsvc -c {cfg_path} restore sample --at latest --to {root}/restored-2"
-    )
     return 0 if ok else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--root", type=Path, default=Path("var"))
+    p.add_argument("--listen", default="127.0.0.1:8080")
+    p.add_argument("--once", action="store_true", help="snapshot and restore once, do not run the daemon")
     args = p.parse_args()
-    return asyncio.run(demo(args.root.resolve()))
+    root = args.root.resolve()
+    rc = asyncio.run(demo(root, args.listen))
+    if rc or args.once:
+        return rc
+    cfg = root / "drsvc.toml"
+    listen = load_config(cfg).daemon.listen
+    print(
+        f"\nStarting the daemon (Ctrl-C stops it after draining). In another terminal:\n"
+        f"  curl -s http://{listen}/healthz\n"
+        f"  curl -s http://{listen}/readyz\n"
+        f"  curl -s http://{listen}/metrics | grep drsvc_\n"
+        f"  .venv/bin/drsvc -c {cfg} status\n"
+        f"  .venv/bin/drsvc -c {cfg} ls sample\n"
+        f"  .venv/bin/drsvc -c {cfg} restore sample --at latest --to {root}/restored-2\n",
+        flush=True,
+    )
+    from drsvc.cli.main import main as cli
+
+    return cli(["-c", str(cfg), "run"])
 
 
 if __name__ == "__main__":

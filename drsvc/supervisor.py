@@ -113,6 +113,7 @@ class Supervisor:
     sources: dict[str, SourceState] = field(default_factory=dict)
     sites: dict[str, SiteLoop] = field(default_factory=dict)
     tracked: list[Tracked] = field(default_factory=list)
+    paused: bool = False  # intake paused: the spool is over its quota
 
     def __post_init__(self) -> None:
         cfg = self.app.config
@@ -140,11 +141,28 @@ class Supervisor:
 
     # -- one step, for tests and for the loop -----------------------------------------------------
     def due(self, now: float) -> list[str]:
+        """Sources whose interval has passed, unless the spool is over its quota: then intake pauses (the
+        backlog stays; nothing is dropped) until the shippers have freed space."""
+        if self.spool_full():
+            if not self.paused:
+                log.warning(
+                    "spool over quota: intake paused until the sites take the backlog",
+                    extra={"used": self.app.spool.used_bytes(), "quota": self.app.config.state.spool_quota},
+                )
+            self.paused = True
+            return []
+        if self.paused:
+            log.info("spool below quota: intake resumed")
+        self.paused = False
         return [
             n
             for n, st in self.sources.items()
             if not st.running and now - st.last_snapshot >= self.app.config.sources[n].interval
         ]
+
+    def spool_full(self) -> bool:
+        quota = self.app.config.state.spool_quota
+        return quota > 0 and self.app.spool.used_bytes() >= quota
 
     async def snapshot(self, source: str) -> None:
         """Take one snapshot of `source` into the spool and track its record."""
@@ -216,7 +234,7 @@ class Supervisor:
             self.metrics.site_backlog(name, b.objects, b.bytes, (now - b.oldest) if b.oldest else 0.0)
         self.metrics.spool(await asyncio.to_thread(spool.used_bytes), cfg.state.spool_quota)
         if self.on_status:
-            self.on_status(self.status_line(now))
+            self.on_status(self.status_line(now) + ("; SPOOL FULL, intake paused" if self.paused else ""))
         if self.on_progress:
             self.on_progress()
 

@@ -181,3 +181,38 @@ def test_drsvc_run_speaks_systemd_serves_health_and_drains_on_sigterm(tmp_path: 
             proc.kill()
             proc.wait()
         notify.close()
+
+
+async def test_spool_quota_pauses_intake_keeps_everything_and_resumes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _corpus(src)  # ~2 MB of incompressible files
+    config = make_config(tmp_path, src, local_sites(tmp_path, ["a"]), source={"interval": 60})
+    config = config.model_copy(update={"state": config.state.model_copy(update={"spool_quota": 500_000})})
+    app = await init_app(config)
+    healthy = app.store("a")
+    app._stores["a"] = FaultyStore(healthy, [Fault("put", error=TransientStoreError("down", site="a"))])
+    clock, metrics = Clock(), Metrics()
+    sup = Supervisor(app, metrics, clock=clock)
+    sup.sites["a"].shipper.store = app._stores["a"]
+    try:
+        await sup.run_once()  # the first snapshot is taken; the site is down, so it stays in the spool
+        first = sup.sources["docs"].last_snapshot
+        spooled = app.spool.used_bytes()
+        assert spooled > 500_000
+        clock.now += 3600
+        (src / "more.txt").write_text("more\n")
+        await sup.run_once()  # due, but the spool is over quota: no snapshot, the alert is set
+        assert sup.paused and sup.sources["docs"].last_snapshot == first
+        assert _samples(metrics)[("drsvc_spool_full", ())] == 1
+        assert app.spool.used_bytes() == spooled  # nothing dropped
+        app._stores["a"] = healthy
+        sup.sites["a"].shipper.store = healthy
+        await sup.run_once()  # the site takes the backlog; space frees ...
+        assert app.spool.used_bytes() == 0 and _samples(metrics)[("drsvc_spool_full", ())] == 0
+        await sup.run_once()  # ... and intake resumes
+        assert not sup.paused and sup.sources["docs"].last_snapshot > first
+        await sup.run_once()
+        await app.restore("docs", tmp_path / "out", None)
+    finally:
+        await app.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)
