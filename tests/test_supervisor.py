@@ -216,3 +216,59 @@ async def test_spool_quota_pauses_intake_keeps_everything_and_resumes(tmp_path: 
     finally:
         await app.close()
     assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+async def test_two_daemons_write_one_tenant_repository_without_conflict(tmp_path: Path) -> None:
+    """One daemon per cloud, the same tenant and sites, snapshotting at the same time: both restore,
+    every site checks clean."""
+    import asyncio
+
+    from drsvc.check import check_site
+    from drsvc.core.config import parse_config
+
+    sites = local_sites(tmp_path, ["a", "b"])
+    srcs = {}
+    configs = []
+    for host in ("province", "city"):
+        src = tmp_path / f"src-{host}"
+        _corpus(src)
+        (src / "shared.bin").write_bytes(random.Random(99).randbytes(300_000))  # same content on both
+        srcs[host] = src
+        configs.append(
+            parse_config(
+                {
+                    "state": {"dir": str(tmp_path / f"state-{host}")},
+                    "tenants": {"fin": {"key": {"passphrase": {"value": "pw"}}}},
+                    "sites": sites,
+                    "sources": {
+                        f"docs-{host}": {
+                            "tenant": "fin",
+                            "type": "tree",
+                            "path": str(src),
+                            "sites": ["a", "b"],
+                            "min_copies": 2,
+                            "interval": 1,
+                        }
+                    },
+                }
+            )
+        )
+    apps = [await init_app(c) for c in configs]  # the second init finds the repository and keeps it
+    sups = [Supervisor(app, Metrics()) for app in apps]
+    try:
+        for round_no in range(3):
+            for host, src in srcs.items():
+                (src / f"round{round_no}.txt").write_text(f"{host} {round_no}\n")
+            await asyncio.gather(*(s.run_once() for s in sups))
+            for s in sups:
+                s.clock = lambda: time.time() + 3600 * (round_no + 1)  # noqa: B023 - due again next round
+        repo = await apps[0].open_repo("fin")
+        reports = [await check_site(repo, apps[0].store(n), read_data=True) for n in ("a", "b")]
+        assert all(r.ok for r in reports), [r.problems for r in reports]
+        assert all(r.snapshots == 6 for r in reports)
+        for app, (host, src) in zip(apps, srcs.items(), strict=True):
+            await app.restore(f"docs-{host}", tmp_path / f"out-{host}", None)
+            assert tree_state(tmp_path / f"out-{host}") == tree_state(src)
+    finally:
+        for app in apps:
+            await app.close()
