@@ -16,17 +16,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import replicator
 from drsvc.app import App
 from drsvc.core.errors import DRError
 from drsvc.core.stores import ObjectStore
-from drsvc.metrics import Metrics, Outcome
+from drsvc.core.stores.metered import Observer
+from drsvc.metrics import Metrics, Op, Outcome
 from replicator import Shipper
 
 log = logging.getLogger("drsvc.supervisor")
@@ -62,6 +65,9 @@ class SiteLoop:
         self.site = store.name
         self.shipper = Shipper(store, app.spool, cfg.concurrency, peers)
         self.metrics = metrics
+        # with an observer on the App (Supervisor.request_observer) every failed request is counted as it
+        # happens; counting the shipper's failures as well would count each last attempt twice
+        self.count_errors = app.observer is None
         self.up = True
         self.last_error: str | None = None
         self.last_ack: float | None = None
@@ -70,25 +76,30 @@ class SiteLoop:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.shipper.wakeup.clear()  # before the pass: an object spooled during it wakes the next one
-            report = await self.shipper.run_once()
-            if report.shipped:
-                self.last_ack = time.time()
-                self.metrics.site_shipped(self.site, report.bytes)
-            for kind, n in report.errors_by_kind.items():
-                for _ in range(n):
-                    self.metrics.site_error(self.site, kind)
-            if report.error:
-                if self.up:
-                    log.warning("site is down", extra={"site": self.site, "error": report.error})
-                self.up, self.last_error = False, report.error
-                delay, self.backoff = self.backoff, min(BACKOFF_MAX, self.backoff * 2)
-            else:
-                if not self.up:
-                    log.info("site is back", extra={"site": self.site})
-                self.up, self.last_error, self.backoff = True, None, BACKOFF_MIN
-                delay = IDLE_POLL
-            self.metrics.site_up(self.site, self.up)
-            await _wait_any(stop, self.shipper.wakeup, delay, wake_ok=not report.error)
+            failed, delay = await self.pass_once()
+            await _wait_any(stop, self.shipper.wakeup, delay, wake_ok=not failed)
+
+    async def pass_once(self) -> tuple[bool, float]:
+        """Ship what is pending and record the site's state; returns (failed, seconds until the next pass)."""
+        report = await self.shipper.run_once()
+        if report.shipped:
+            self.last_ack = time.time()
+            self.metrics.site_shipped(self.site, report.bytes)
+        for kind, n in report.errors_by_kind.items():
+            for _ in range(n if self.count_errors else 0):
+                self.metrics.site_error(self.site, kind)
+        if report.error:
+            if self.up:
+                log.warning("site is down", extra={"site": self.site, "error": report.error})
+            self.up, self.last_error = False, report.error
+            delay, self.backoff = self.backoff, min(BACKOFF_MAX, self.backoff * 2)
+        else:
+            if not self.up:
+                log.info("site is back", extra={"site": self.site})
+            self.up, self.last_error, self.backoff = True, None, BACKOFF_MIN
+            delay = IDLE_POLL
+        self.metrics.site_up(self.site, self.up)
+        return bool(report.error), delay
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float, wake_ok: bool) -> None:
@@ -101,6 +112,12 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float, wa
     finally:
         for w in waits:
             w.cancel()
+
+
+def _observe(metrics: Metrics, site: str, op: str, seconds: float, error: str | None) -> None:
+    metrics.observe_request(site, cast(Op, op), seconds)  # observe_request rejects an unknown op
+    if error is not None and error != "ObjectNotFound":  # "no such object" is an answer, not a failure
+        metrics.site_error(site, error)
 
 
 @dataclass
@@ -138,6 +155,16 @@ class Supervisor:
         self._snapshot_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._site_tasks: list[asyncio.Task[None]] = []
+
+    # -- requests to the sites (MeteredStore under each site's retries) ------------------------------
+    def observe(self, site: str, op: str, seconds: float, error: str | None) -> None:
+        """One request (one attempt) to a site: its latency, and its failure kind if it failed."""
+        _observe(self.metrics, site, op, seconds, error)
+
+    @staticmethod
+    def request_observer(metrics: Metrics) -> Observer:
+        """``observe`` for an App built before its Supervisor: ``App(config, observer=...)``."""
+        return functools.partial(_observe, metrics)
 
     # -- one step, for tests and for the loop -----------------------------------------------------
     def due(self, now: float) -> list[str]:
@@ -260,11 +287,7 @@ class Supervisor:
         """Everything one pass of the daemon does: due snapshots, one shipping pass per site, a tick."""
         for source in self.due(self.clock()):
             await self.snapshot(source)
-        await replicator.replicate(
-            self.app.spool,
-            [loop.shipper.store for loop in self.sites.values()],
-            {n: self.app.config.sites[n].concurrency for n in self.sites},
-        )
+        await asyncio.gather(*(loop.pass_once() for loop in self.sites.values()))
         await self.tick()
 
     # -- the long-running shape -------------------------------------------------------------------

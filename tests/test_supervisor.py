@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from helpers import init_app, local_sites, make_config, tree_state
 from prometheus_client.parser import text_string_to_metric_families
@@ -272,3 +273,53 @@ async def test_two_daemons_write_one_tenant_repository_without_conflict(tmp_path
     finally:
         for app in apps:
             await app.close()
+
+
+async def test_a_seaweedfs_site_stopped_under_load_then_restarted(
+    tmp_path: Path, seaweed_factory: Any
+) -> None:
+    """Snapshots stay protected with min_copies=2 while one of three real sites is down and its backlog
+    grows; after a restart the backlog drains to zero and the site holds every object the others hold."""
+    servers = seaweed_factory.many(3)
+    sites = {
+        f"s{i}": {
+            "type": "s3",
+            "endpoint": s.endpoint,
+            "bucket": "drsvc",
+            "secure": False,
+            "timeout": 3,
+            "create_bucket": True,
+            "access_key": {"value": s.access_key},
+            "secret_key": {"value": s.secret_key},
+        }
+        for i, s in enumerate(servers)
+    }
+    src = tmp_path / "src"
+    _corpus(src)
+    app = await init_app(make_config(tmp_path, src, sites, min_copies=2, source={"interval": 60}))
+    clock, metrics = Clock(), Metrics()
+    sup = Supervisor(app, metrics, clock=clock)
+    try:
+        await sup.run_once()
+        servers[2].stop()
+        backlog = []
+        for round_no in range(3):
+            (src / f"load{round_no}.bin").write_bytes(random.Random(round_no).randbytes(400_000))
+            clock.now += 61
+            await sup.run_once()
+            assert sup.sources["docs"].protected_until == sup.sources["docs"].last_snapshot  # still protected
+            backlog.append(_samples(metrics)[("drsvc_site_backlog_objects", (("site", "s2"),))])
+        assert backlog[0] > 0 and backlog == sorted(backlog) and backlog[-1] > backlog[0]  # it grows
+        assert not sup.sites["s2"].up
+        servers[2].start()
+        await sup.run_once()
+        assert _samples(metrics)[("drsvc_site_backlog_objects", (("site", "s2"),))] == 0
+        assert sup.sites["s2"].up
+        keys = []
+        for name in ("s0", "s2"):
+            keys.append(sorted([i.key async for i in app.store(name).list("fin/")]))
+        assert keys[0] == keys[1]
+        await app.restore("docs", tmp_path / "out", None, site="s2")
+    finally:
+        await app.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)
