@@ -25,6 +25,7 @@ from drsvc.core.repository import RepoParams, Repository, init_repository, read_
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.compose import open_site
+from drsvc.core.stores.metered import Observer
 from snapshot import SnapshotResult, Stats
 
 
@@ -37,8 +38,9 @@ class SnapshotOutcome:
 
 
 class App:
-    def __init__(self, config: Config, workers: int | None = None) -> None:
+    def __init__(self, config: Config, workers: int | None = None, observer: Observer | None = None) -> None:
         self.config = config
+        self.observer = observer  # told of every request to a site (the daemon's metrics), see MeteredStore
         self._stores: dict[str, ObjectStore] = {}
         self._spool: Spool | None = None
         self._workers: snapshot.WorkerPool | None = None
@@ -70,7 +72,7 @@ class App:
         if site not in self.config.sites:
             raise ConfigError(f"no site {site!r}; configured: {', '.join(self.config.sites)}", key="sites")
         if site not in self._stores:
-            self._stores[site] = open_site(site, self.config.sites[site])
+            self._stores[site] = open_site(site, self.config.sites[site], observer=self.observer)
         return self._stores[site]
 
     @property

@@ -47,7 +47,16 @@ Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from drsvc.cli import check_cmd, config_cmd, init_cmd, ls_cmd, restore_cmd, run_cmd, snapshot_cmd
+    from drsvc.cli import (
+        check_cmd,
+        config_cmd,
+        init_cmd,
+        ls_cmd,
+        restore_cmd,
+        run_cmd,
+        snapshot_cmd,
+        status_cmd,
+    )
 
     p = argparse.ArgumentParser(prog="drsvc", description="Cross-site disaster-recovery replication")
     p.add_argument(
@@ -57,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $DRSVC_CONFIG or /etc/drsvc/drsvc.toml)",
     )
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for mod in (init_cmd, snapshot_cmd, ls_cmd, restore_cmd, check_cmd, config_cmd, run_cmd):
+    for mod in (init_cmd, snapshot_cmd, ls_cmd, restore_cmd, check_cmd, config_cmd, run_cmd, status_cmd):
         mod.register(sub)
     return p
 

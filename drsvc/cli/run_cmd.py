@@ -48,7 +48,7 @@ class Daemon:
         return self.supervisor.ready()
 
     async def start_supervisor(self) -> None:
-        self.app = App(self.config)
+        self.app = App(self.config, observer=Supervisor.request_observer(self.metrics))
         self.supervisor = Supervisor(
             self.app, self.metrics, on_progress=self._progress, on_status=self._status
         )

@@ -84,6 +84,23 @@ class Outbox:
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
 
+    @classmethod
+    def open_readonly(cls, path: Path, busy_timeout: float = 5.0) -> Outbox:
+        """The outbox of another process, for reading only (``drsvc status`` while the daemon runs): no
+        state lock, no schema, nothing written. Only the read methods (backlog, get_meta, ...) may be used.
+        Raises ``sqlite3.Error`` if the database cannot be opened."""
+        self = cls.__new__(cls)
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=busy_timeout,
+        )
+        self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        return self
+
     def close(self) -> None:
         self.db.close()
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 from drsvc.core.config import LocalSiteConfig, S3SiteConfig
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.local import LocalStore
+from drsvc.core.stores.metered import MeteredStore, Observer
 from drsvc.core.stores.retry import RetryPolicy, RetryStore
 
 
 def open_site(
-    name: str, cfg: LocalSiteConfig | S3SiteConfig, retry: RetryPolicy | None = None
+    name: str,
+    cfg: LocalSiteConfig | S3SiteConfig,
+    retry: RetryPolicy | None = None,
+    observer: Observer | None = None,
 ) -> ObjectStore:
-    """The store for a configured site: the backend, wrapped in retries of transient errors."""
+    """The store for a configured site: the backend, wrapped in retries of transient errors. With an
+    `observer`, every attempt under the retries is timed and reported (``MeteredStore``)."""
     inner: ObjectStore
     if isinstance(cfg, LocalSiteConfig):
         inner = LocalStore(name, cfg.path, fsync=cfg.fsync)
@@ -31,4 +36,6 @@ def open_site(
             timeout=cfg.timeout,
             create_bucket=cfg.create_bucket,
         )
+    if observer is not None:
+        inner = MeteredStore(inner, observer)
     return RetryStore(inner, retry or RetryPolicy())
