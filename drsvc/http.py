@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from drsvc.core.config import parse_listen
 from drsvc.metrics import Metrics
 
 
@@ -116,27 +116,4 @@ async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
     return runner
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:8080"``, ``"localhost:8080"`` or ``"[::1]:8080"`` -> ``(host, port)``; else ValueError."""
-    hint = "expected HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or listen.endswith("]"):
-        raise ValueError(f"listen address {listen!r} has no port: {hint}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"listen address {listen!r}: {host!r} is not an IPv6 address") from None
-    elif "[" in host or "]" in host:
-        raise ValueError(f"listen address {listen!r}: unbalanced brackets; {hint}")
-    elif ":" in host:
-        raise ValueError(f"listen address {listen!r}: put an IPv6 address in brackets, e.g. [::1]:9464")
-    if not host:
-        raise ValueError(f"listen address {listen!r} has no host (use 0.0.0.0 or [::] for all interfaces)")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"listen address {listen!r}: port {port_text!r} is not a number; {hint}")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"listen address {listen!r}: port {port} is out of range 0-65535")
-    return host, port
+__all__ = ["Health", "HealthChecks", "make_app", "parse_listen", "serve"]

@@ -41,6 +41,7 @@ class Daemon:
         self.pinger = WatchdogPinger.for_notifier(self.notifier)
         self.app: App | None = None
         self.supervisor: Supervisor | None = None
+        self.reload_error: str | None = None
 
     def ready(self) -> tuple[bool, list[str]]:
         if self.supervisor is None:
@@ -55,7 +56,8 @@ class Daemon:
         await self.supervisor.start()
 
     def _status(self, line: str) -> None:
-        self.notifier.status(line)
+        # a refused reload stays visible in `systemctl status` until a reload succeeds
+        self.notifier.status(line + (f"; reload refused: {self.reload_error}" if self.reload_error else ""))
 
     def _progress(self) -> None:
         if self.pinger is not None:
@@ -76,8 +78,10 @@ class Daemon:
                 "reload refused: the new config is invalid; the running one stays",
                 extra={"error": str(exc), "config": str(self.config_path)},
             )
+            self.reload_error = exc.message[:120]
             self.notifier.status(f"reload refused: {exc}")
             return
+        self.reload_error = None
         self.notifier.reloading()
         log.info("reloading", extra={"config": str(self.config_path)})
         old = {f"{s.tenant}/{n}" for n, s in self.config.sources.items()}
