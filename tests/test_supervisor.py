@@ -323,3 +323,113 @@ async def test_a_seaweedfs_site_stopped_under_load_then_restarted(
     finally:
         await app.close()
     assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+async def test_a_stalled_supervisor_stops_the_watchdog_pings(tmp_path: Path) -> None:
+    """WATCHDOG=1 is sent only while the supervisor's loop makes progress: a tick that hangs stops them."""
+    import asyncio
+
+    from drsvc.notify import Notifier, WatchdogPinger
+
+    stalled = asyncio.Event()
+
+    class StallingSupervisor(Supervisor):
+        ticks = 0
+
+        async def tick(self) -> None:
+            self.ticks += 1
+            if self.ticks > 3:
+                stalled.set()
+                await asyncio.Event().wait()  # stuck for good, as a deadlocked loop would be
+            await super().tick()
+
+    src = tmp_path / "src"
+    _corpus(src)
+    config = make_config(tmp_path, src, local_sites(tmp_path, ["a"]))
+    config = config.model_copy(update={"daemon": config.daemon.model_copy(update={"tick": 0.05})})
+    app = await init_app(config)
+    sock_path = tmp_path / "n.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.setblocking(False)
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
+    pinger = WatchdogPinger.for_notifier(notifier)
+    assert pinger is not None
+    sup = StallingSupervisor(app, Metrics(), on_progress=pinger.progress)
+    try:
+        await sup.start()
+        pinger.start()
+        await asyncio.sleep(0.15)
+        assert pinger.pings > 0  # healthy: pinging
+        await asyncio.wait_for(stalled.wait(), 30)
+        await asyncio.sleep(0.3)  # > stall_after (2 x 0.05 s)
+        before = pinger.pings
+        await asyncio.sleep(0.3)
+        assert pinger.pings == before  # stuck supervisor: no more pings, systemd will restart it
+    finally:
+        await pinger.stop()
+        sup._stop.set()
+        for t in sup._tasks + sup._site_tasks:
+            t.cancel()
+        await asyncio.gather(*sup._tasks, *sup._site_tasks, return_exceptions=True)
+        await app.close()
+        receiver.close()
+
+
+def test_sighup_adds_and_removes_sources_and_sites_without_a_restart(tmp_path: Path) -> None:
+    src1, src2 = tmp_path / "src1", tmp_path / "src2"
+    _corpus(src1)
+    src2.mkdir()
+    (src2 / "other.txt").write_text("second source\n")
+    port = _free_port()
+    head = (
+        f'[state]\ndir = "{tmp_path}/state"\n[daemon]\nlisten = "127.0.0.1:{port}"\ntick = 0.2\n'
+        '[tenants.fin.key.passphrase]\nvalue = "pw"\n'
+        f'[sites.a]\ntype = "local"\npath = "{tmp_path}/sites/a"\n'
+        f'[sites.b]\ntype = "local"\npath = "{tmp_path}/sites/b"\n'
+    )
+    v1 = head + f'[sources.docs]\ntenant = "fin"\ntype = "tree"\npath = "{src1}"\nsites = ["a", "b"]\n'
+    v2 = (
+        head
+        + f'[sites.c]\ntype = "local"\npath = "{tmp_path}/sites/c"\n'
+        + f'[sources.docs2]\ntenant = "fin"\ntype = "tree"\npath = "{src2}"\nsites = ["a", "c"]\n'
+    )
+    cfg = tmp_path / "drsvc.toml"
+    cfg.write_text(v1)
+    cli = [sys.executable, "-m", "drsvc.cli.main", "-c", str(cfg)]
+    subprocess.run([*cli, "init", "fin", "--scrypt-n", "1024"], check=True, capture_output=True)
+
+    def series() -> str:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                return _get(f"http://127.0.0.1:{port}/metrics")[1]
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("no /metrics")
+
+    def wait_for(text: str, present: bool = True) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            body = series()
+            if (text in body) == present:
+                return body
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} {'never appeared' if present else 'never went'}")
+
+    proc = subprocess.Popen([*cli, "run"], stderr=subprocess.DEVNULL)
+    try:
+        wait_for('drsvc_source_rpo_seconds{source="docs",tenant="fin"}')
+        cfg.write_text(v2)
+        subprocess.run([*cli, "init", "fin", "--scrypt-n", "1024"], check=True, capture_output=True)  # site c
+        proc.send_signal(signal.SIGHUP)
+        body = wait_for('drsvc_source_rpo_seconds{source="docs2",tenant="fin"}')
+        body = wait_for('source="docs"', present=False)
+        assert 'drsvc_site_up{site="c"} 1.0' in body and 'site="b"' not in body
+        assert proc.poll() is None  # the same process all along
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

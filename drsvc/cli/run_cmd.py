@@ -89,7 +89,7 @@ class Daemon:
         for gone in old - {f"{s.tenant}/{n}" for n, s in new.sources.items()}:
             tenant, source = gone.split("/", 1)
             self.metrics.remove_source(tenant, source)
-        for site in set(self.config.sites) - set(new.sites):
+        for site in _used_sites(self.config) - _used_sites(new):
             self.metrics.remove_site(site)
         self.config = new
         await self.start_supervisor()
@@ -135,6 +135,10 @@ class Daemon:
                 await self.pinger.stop()
             await self.stop_supervisor()
             await runner.cleanup()
+
+
+def _used_sites(config: Config) -> set[str]:
+    return {site for sc in config.sources.values() for site in sc.sites}
 
 
 async def run(args: argparse.Namespace) -> int:
