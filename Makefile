@@ -29,8 +29,10 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
-	command -v restic >/dev/null || { apt-get update -qq && apt-get install -y -qq restic; }
+	command -v restic >/dev/null && command -v rclone >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq restic rclone; }
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.replication
 
 clean:
 	rm -rf $(VENV) var

@@ -350,3 +350,22 @@ def test_source_patterns() -> None:
 
 def test_model_is_the_config_type() -> None:
     assert isinstance(parse_config(base()), Config)
+
+
+def test_inline_secrets_are_named_so_config_check_can_warn(tmp_path: Path) -> None:
+    from drsvc.cli.main import main
+
+    cfg = tmp_path / "c.toml"
+    (tmp_path / "pw").write_text("from a file\n")
+    cfg.write_text(
+        f'[state]\ndir = "{tmp_path}/s"\n'
+        '[tenants.a.key.passphrase]\nvalue = "inline"\n'
+        '[tenants.b.key.passphrase]\nfile = "pw"\n'
+        '[sites.x]\ntype = "s3"\nendpoint = "h:1"\nbucket = "bkt"\n'
+        'access_key = { env = "AK" }\nsecret_key = { value = "inline" }\n'
+        "[sources]\n"
+    )
+    from drsvc.core.config import load_config
+
+    assert load_config(cfg).inline_secrets() == ["tenants.a.key.passphrase", "sites.x.secret_key"]
+    assert main(["-c", str(cfg), "config", "check"]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from drsvc.cli.render import out
+from drsvc.cli.render import err, out
 from drsvc.core.config import load_config
 
 
@@ -19,5 +19,7 @@ def register(sub: Any) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.file or args.config)
+    for key in cfg.inline_secrets():
+        err(f"warning: {key} is written inline; use file = ... or env = ... outside tests and demos")
     out(f"config ok: {len(cfg.tenants)} tenants, {len(cfg.sites)} sites, {len(cfg.sources)} sources")
     return 0

@@ -97,6 +97,10 @@ class Daemon:
         log.info("reloaded", extra={"sources": len(new.sources), "sites": len(new.sites)})
 
     async def main(self) -> int:
+        for key in self.config.inline_secrets():
+            log.warning(
+                "secret written inline in the config; use file = ... or env = ...", extra={"key": key}
+            )
         host, port = parse_listen(self.config.daemon.listen)
         runner = await serve(make_app(self.metrics, HealthChecks(lambda: True, self.ready)), host, port)
         loop = asyncio.get_running_loop()

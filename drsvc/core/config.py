@@ -339,6 +339,22 @@ class Config(_Model):
                 f"no source {name!r}; configured: {', '.join(sorted(self.sources)) or 'none'}", key="sources"
             ) from None
 
+    def inline_secrets(self) -> list[str]:
+        """Keys whose secret is written in the config itself (fine for tests and demos, not for production:
+        the config file is readable by more people than the key material should be)."""
+        out = []
+        for name, t in self.tenants.items():
+            if t.key.passphrase is not None and t.key.passphrase.value is not None:
+                out.append(f"tenants.{name}.key.passphrase")
+        for name, site in self.sites.items():
+            if isinstance(site, S3SiteConfig):
+                out += [
+                    f"sites.{name}.{k}"
+                    for k in ("access_key", "secret_key")
+                    if getattr(site, k).value is not None
+                ]
+        return out
+
     def tenant_sites(self, tenant: str) -> list[str]:
         """Every site that any source of `tenant` uses, in config order."""
         seen: dict[str, None] = {}
