@@ -178,6 +178,7 @@ class LocalSiteConfig(_Model):
     type: Literal["local"]
     path: Path
     fsync: bool = True
+    bandwidth: Size | None = None  # bytes per second to and from this site (e.g. "20MiB"); unset: no limit
     concurrency: int = Field(default=4, ge=1, le=64)
 
 
@@ -193,6 +194,7 @@ class S3SiteConfig(_Model):
     concurrency: int = Field(default=4, ge=1, le=256)  # uploads in flight; each holds up to one pack
     timeout: float = Field(default=30.0, gt=0)
     create_bucket: bool = False
+    bandwidth: Size | None = None  # bytes per second to and from this site (e.g. "20MiB"); unset: no limit
 
     @field_validator("bucket")
     @classmethod

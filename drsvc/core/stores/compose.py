@@ -7,6 +7,7 @@ from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.local import LocalStore
 from drsvc.core.stores.metered import MeteredStore, Observer
 from drsvc.core.stores.retry import RetryPolicy, RetryStore
+from drsvc.core.stores.throttle import ThrottleStore, TokenBucket
 
 
 def open_site(
@@ -16,7 +17,8 @@ def open_site(
     observer: Observer | None = None,
 ) -> ObjectStore:
     """The store for a configured site: the backend, wrapped in retries of transient errors. With an
-    `observer`, every attempt under the retries is timed and reported (``MeteredStore``)."""
+    `observer`, every attempt under the retries is timed and reported (``MeteredStore``); with a
+    `bandwidth`, the bytes each attempt moves are limited by a token bucket (``ThrottleStore``)."""
     inner: ObjectStore
     if isinstance(cfg, LocalSiteConfig):
         inner = LocalStore(name, cfg.path, fsync=cfg.fsync)
@@ -38,4 +40,6 @@ def open_site(
         )
     if observer is not None:
         inner = MeteredStore(inner, observer)
+    if cfg.bandwidth:
+        inner = ThrottleStore(inner, TokenBucket(cfg.bandwidth))
     return RetryStore(inner, retry or RetryPolicy())
