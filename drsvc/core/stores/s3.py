@@ -12,6 +12,7 @@ import io
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from drsvc.core.stores import ObjectInfo
 T = TypeVar("T")
 
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
+STREAM_PUT_MAX = 1024 * 1024 * 1024  # files up to this go up in one streamed PUT
 _TRANSIENT_CODES = {
     "InternalError",
     "SlowDown",
@@ -65,6 +67,7 @@ class S3Store:
             timeout=urllib3.Timeout(connect=min(5.0, timeout), read=timeout),
             retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0, raise_on_status=False),
         )
+        self._http = http
         self._client = Minio(
             endpoint,
             access_key=access_key,
@@ -156,16 +159,41 @@ class S3Store:
                 raise ObjectNotFound("source file is missing", site=self.name, key=key) from None
             with f:
                 size = os.fstat(f.fileno()).st_size
-                self._client.put_object(
-                    self.bucket,
-                    self._full(key),
-                    f,
-                    size,
-                    part_size=MULTIPART_PART_SIZE,
-                    num_parallel_uploads=1,
-                )
+                if size > STREAM_PUT_MAX:  # beyond one PUT: multipart, one part in memory at a time
+                    self._client.put_object(
+                        self.bucket,
+                        self._full(key),
+                        f,
+                        size,
+                        part_size=MULTIPART_PART_SIZE,
+                        num_parallel_uploads=1,
+                    )
+                    return
+                self._stream_put(key, f, size)
 
         await self._run(key, "put", upload)
+
+    def _stream_put(self, key: str, f: io.BufferedReader, size: int) -> None:
+        """One PUT whose body is read from the file as it is sent (a presigned URL: the payload is not
+        hashed up front), so an upload holds kilobytes, not the whole pack, in memory."""
+        url = self._client.presigned_put_object(self.bucket, self._full(key), expires=timedelta(hours=1))
+        resp = self._http.request("PUT", url, body=f, headers={"Content-Length": str(size)}, retries=False)
+        if resp.status < 300:
+            return
+        text = resp.data.decode(errors="replace")
+        code = (
+            text.split("<Code>", 1)[1].split("</Code>", 1)[0] if "<Code>" in text else f"HTTP {resp.status}"
+        )
+        if resp.status >= 500 or resp.status == 429 or code in _TRANSIENT_CODES:
+            raise TransientStoreError(f"put: {code}", site=self.name, key=key)
+        if code == "NoSuchBucket":
+            raise StoreError(
+                f"put: bucket {self.bucket!r} does not exist",
+                site=self.name,
+                key=key,
+                hint="create the bucket or set create_bucket = true for the site",
+            )
+        raise StoreError(f"put: {code}", site=self.name, key=key)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         if length == 0:
