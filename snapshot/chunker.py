@@ -29,7 +29,7 @@ class ChunkParams:
 class Chunker:
     """Thread-confined: make one per worker thread."""
 
-    def __init__(self, params: ChunkParams, read_size: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, params: ChunkParams, read_size: int = 1024 * 1024) -> None:
         self.params = params
         self.read_size = read_size
         self._buf: bytearray | None = None
