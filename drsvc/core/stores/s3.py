@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
 STREAM_PUT_MAX = 1024 * 1024 * 1024  # files up to this go up in one streamed PUT
+STREAM_BLOCK = 1024 * 1024
 _TRANSIENT_CODES = {
     "InternalError",
     "SlowDown",
@@ -177,7 +178,14 @@ class S3Store:
         """One PUT whose body is read from the file as it is sent (a presigned URL: the payload is not
         hashed up front), so an upload holds kilobytes, not the whole pack, in memory."""
         url = self._client.presigned_put_object(self.bucket, self._full(key), expires=timedelta(hours=1))
-        resp = self._http.request("PUT", url, body=f, headers={"Content-Length": str(size)}, retries=False)
+
+        def chunks() -> Iterator[bytes]:  # 1 MiB sends: http.client would send a file in 8 KiB blocks
+            while block := f.read(STREAM_BLOCK):
+                yield block
+
+        resp = self._http.request(
+            "PUT", url, body=chunks(), headers={"Content-Length": str(size)}, retries=False, chunked=False
+        )
         if resp.status < 300:
             return
         text = resp.data.decode(errors="replace")
