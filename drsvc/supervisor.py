@@ -184,7 +184,7 @@ class Supervisor:
         return [
             n
             for n, st in self.sources.items()
-            if not st.running and now - st.last_snapshot >= self.app.config.sources[n].interval
+            if not st.running and now >= self.app.config.sources[n].next_due(st.last_snapshot)
         ]
 
     def spool_full(self) -> bool:
@@ -316,7 +316,7 @@ class Supervisor:
                 await self.snapshot(source)
             nxt = min(
                 (
-                    st.last_snapshot + self.app.config.sources[n].interval - self.clock()
+                    self.app.config.sources[n].next_due(st.last_snapshot) - self.clock()
                     for n, st in self.sources.items()
                 ),
                 default=IDLE_POLL,

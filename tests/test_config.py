@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from drsvc.core.config import Config, S3SiteConfig, Secret, load_config, parse_config, parse_size
 from drsvc.core.errors import ConfigError
@@ -369,3 +370,27 @@ def test_inline_secrets_are_named_so_config_check_can_warn(tmp_path: Path) -> No
 
     assert load_config(cfg).inline_secrets() == ["tenants.a.key.passphrase", "sites.x.secret_key"]
     assert main(["-c", str(cfg), "config", "check"]) == 0
+
+
+def test_schedule_interval_calendar_and_both() -> None:
+    import datetime
+
+    from drsvc.core.config import SourceConfig
+
+    def src(**kw: object) -> SourceConfig:
+        return SourceConfig.model_validate(
+            {"tenant": "t", "type": "tree", "path": "/x", "sites": ["a"], **kw}
+        )
+
+    noon = datetime.datetime(2026, 11, 25, 12, 0).astimezone().timestamp()
+    assert src().next_due(noon) == noon + 3600  # the default: hourly
+    assert src(interval="15m").next_due(noon) == noon + 900
+    daily = src(at=["02:00", "14:30"])
+    assert daily.next_due(noon) == noon + 2.5 * 3600  # 14:30 today
+    after = noon + 3 * 3600  # 15:00: next is 02:00 tomorrow
+    assert daily.next_due(after) == datetime.datetime(2026, 11, 26, 2, 0).astimezone().timestamp()
+    both = src(interval="1h", at=["12:30"])
+    assert both.next_due(noon) == noon + 1800  # whichever comes first
+    for bad in (["2:00"], ["24:00"], ["12:60"], ["noon"]):
+        with pytest.raises(ValidationError):
+            src(at=bad)

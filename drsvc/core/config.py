@@ -6,6 +6,7 @@ read from files or environment variables; an inline value is accepted for tests 
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import functools
 import ipaddress
@@ -226,10 +227,30 @@ class SourceConfig(_Model):
     # (4/8/16 KiB); 32 KiB stores ~1.4x the real change of scattered page writes (benchmarks/results)
     page_chunk: Size = Field(default=32 * 1024, ge=4096, le=4 * 1024 * 1024)
     one_file_system: bool = True
-    # the daemon snapshots every `interval` (seconds, or "15m", "6h", "1d"); targets feed the RPO alerts
-    interval: Duration = 3600.0
+    # when the daemon snapshots: every `interval` (seconds, or "15m", "6h", "1d"), and/or at the local
+    # times of day in `at` ("02:00"); neither given: every hour. Targets feed RPO alerts and `drsvc status`.
+    interval: Duration | None = None
+    at: tuple[Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")], ...] = ()
     rpo_target: Duration | None = None
     rto_target: Duration | None = None
+
+    def next_due(self, last: float) -> float:
+        """The first moment after a snapshot taken at `last` (epoch seconds) when the next one is due."""
+        candidates = []
+        interval = self.interval if self.interval is not None else (None if self.at else 3600.0)
+        if interval is not None:
+            candidates.append(last + interval)
+        if self.at:
+            base = datetime.datetime.fromtimestamp(last).astimezone()
+            for day in (0, 1):
+                for hhmm in self.at:
+                    h, m = (int(x) for x in hhmm.split(":"))
+                    t = (base + datetime.timedelta(days=day)).replace(
+                        hour=h, minute=m, second=0, microsecond=0
+                    )
+                    if t.timestamp() > last:
+                        candidates.append(t.timestamp())
+        return min(candidates)
 
     # field validators, not a model validator, so that the error names the key (sources.<name>.min_copies)
     @field_validator("sites")
