@@ -293,7 +293,8 @@ class WeedFactory:
         server = WeedServer(self._base(), self._starts)
         self.servers.append(server)
         if start:
-            server.start()
+            server.launch()
+            self._ready(server)
         return server
 
     def many(self, n: int) -> list[WeedServer]:
@@ -302,8 +303,22 @@ class WeedFactory:
         for server in servers:
             server.launch()
         for server in servers:
-            server.wait_ready()
+            self._ready(server)
         return servers
+
+    @staticmethod
+    def _ready(server: WeedServer) -> None:
+        """Wait for a first start; if it died (a free port taken meanwhile by another process), try once
+        more on new ports. Restarts keep their ports, so they do not come through here."""
+        try:
+            server.wait_ready()
+        except RuntimeError:
+            server.stop()
+            shutil.rmtree(server.data_dir, ignore_errors=True)  # nothing of the failed start is kept
+            server.data_dir.mkdir(parents=True)
+            server.ports = dict(zip(_PORTS, free_ports(len(_PORTS)), strict=True))
+            server.launch()
+            server.wait_ready()
 
     def close(self) -> None:
         """Stop every server, all within one grace period."""
