@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         check_cmd,
         config_cmd,
         init_cmd,
+        keys_cmd,
         ls_cmd,
         restore_cmd,
         run_cmd,
@@ -66,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $DRSVC_CONFIG or /etc/drsvc/drsvc.toml)",
     )
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for mod in (init_cmd, snapshot_cmd, ls_cmd, restore_cmd, check_cmd, config_cmd, run_cmd, status_cmd):
+    verbs = (
+        init_cmd,
+        snapshot_cmd,
+        ls_cmd,
+        restore_cmd,
+        check_cmd,
+        status_cmd,
+        run_cmd,
+        keys_cmd,
+        config_cmd,
+    )
+    for mod in verbs:
         mod.register(sub)
     return p
 
