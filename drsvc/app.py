@@ -7,7 +7,9 @@ prints: it returns results and reports progress through callbacks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,11 +19,21 @@ from types import TracebackType
 import replicator
 import restore
 import snapshot
+from drsvc.core import retention
 from drsvc.core.config import Config
 from drsvc.core.crypto import ScryptParams, Suite
-from drsvc.core.errors import ConfigError, RepositoryNotFound
+from drsvc.core.errors import ConfigError, RepositoryNotFound, StoreError
 from drsvc.core.format import SnapshotRecord
-from drsvc.core.repository import RepoParams, Repository, init_repository, read_config, unlock_repository
+from drsvc.core.layout import Handle, Kind
+from drsvc.core.repository import (
+    RepoParams,
+    Repository,
+    gather_limited,
+    init_repository,
+    read_config,
+    unlock_repository,
+)
+from drsvc.core.retention import ForgetOutcome
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.compose import open_site
@@ -211,7 +223,6 @@ class App:
         records = await repo.snapshots(source)
         holders: dict[str, set[str]] = {r.id: set() for r in records}
         tag = repo.keys.source_tag(source)
-        from drsvc.core.layout import Kind
 
         for name in sc.sites:
             try:
@@ -220,6 +231,59 @@ class App:
             except Exception:  # an unreachable site holds nothing we can show
                 continue
         return records, holders
+
+    async def forget(self, source: str, dry_run: bool = False) -> ForgetOutcome:
+        """Apply the source's retention policy: delete each forgotten snapshot record at each site holding it.
+
+        Only snapshot records are deleted; the packs and indexes they reference stay until prune. A site that
+        cannot be listed (or fails a deletion) is reported in the outcome, not raised: the deletions reach it
+        when forget runs again after it is back.
+        """
+        sc = self.config.source(source)
+        if sc.retention is None:
+            raise ConfigError(
+                f"source {source!r} has no retention policy",
+                key=f"sources.{source}.retention",
+                hint=f"add a [sources.{source}.retention] table, e.g. keep_daily = 7, keep_min = 3",
+            )
+        repo = await self.open_repo(sc.tenant)
+        tag = repo.keys.source_tag(source)
+        holders: dict[str, set[str]] = {}
+        unreachable: dict[str, str] = {}
+        for name in sc.sites:
+            try:
+                for h in await repo.list_handles(Kind.SNAPSHOT, tag, store=self.store(name)):
+                    holders.setdefault(h.name, set()).add(name)
+            except StoreError as exc:
+                unreachable[name] = exc.message
+
+        async def read(name: str) -> SnapshotRecord:
+            order = [s for s in sc.sites if s in holders[name]]
+            return await repo.fetch(
+                Handle(Kind.SNAPSHOT, name, tag),
+                lambda b: repo.decode_snapshot(name, b, source),
+                stores=[self.store(s) for s in order],
+            )
+
+        records = await gather_limited(16, [functools.partial(read, n) for n in sorted(holders)])
+        result = retention.plan(records, sc.retention.policy(), time.time_ns())
+        deleted: dict[str, set[str]] = {}
+
+        async def delete_at(site: str) -> None:
+            store = self.store(site)
+            for rec in result.forget:
+                if site not in holders.get(rec.id, ()):
+                    continue
+                try:
+                    await store.delete(repo.layout.key(Handle(Kind.SNAPSHOT, rec.id, tag)))
+                except StoreError as exc:
+                    unreachable[site] = exc.message
+                    return
+                deleted.setdefault(rec.id, set()).add(site)
+
+        if not dry_run:
+            await asyncio.gather(*(delete_at(s) for s in sc.sites if s not in unreachable))
+        return ForgetOutcome(source, result, sc.sites, holders, deleted, unreachable, dry_run)
 
     async def restore(
         self,

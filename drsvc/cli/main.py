@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     from drsvc.cli import (
         check_cmd,
         config_cmd,
+        forget_cmd,
         init_cmd,
         keys_cmd,
         ls_cmd,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         snapshot_cmd,
         ls_cmd,
         restore_cmd,
+        forget_cmd,
         check_cmd,
         status_cmd,
         run_cmd,

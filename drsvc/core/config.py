@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from drsvc.core.errors import ConfigError
+from drsvc.core.retention import Policy
 
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
@@ -215,6 +216,43 @@ class S3SiteConfig(_Model):
 SiteConfig = Annotated[LocalSiteConfig | S3SiteConfig, Field(discriminator="type")]
 
 
+class RetentionConfig(_Model):
+    """Which snapshots `drsvc forget` keeps (drsvc.core.retention: restic's rules, buckets in local time).
+
+    Counts of 0 disable a rule; `keep_within` is a duration ("7d", "36h", or seconds). At least one rule.
+    """
+
+    keep_last: int = Field(default=0, ge=0)
+    keep_hourly: int = Field(default=0, ge=0)
+    keep_daily: int = Field(default=0, ge=0)
+    keep_weekly: int = Field(default=0, ge=0)
+    keep_monthly: int = Field(default=0, ge=0)
+    keep_yearly: int = Field(default=0, ge=0)
+    keep_within: Duration | None = None
+    keep_min: int = Field(default=0, ge=0)  # never keep fewer than this many snapshots
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> RetentionConfig:
+        if self.policy().empty:
+            raise ValueError(
+                "give at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, "
+                "keep_yearly, keep_within, keep_min (an empty policy would forget nothing)"
+            )
+        return self
+
+    def policy(self) -> Policy:
+        return Policy(
+            keep_last=self.keep_last,
+            keep_hourly=self.keep_hourly,
+            keep_daily=self.keep_daily,
+            keep_weekly=self.keep_weekly,
+            keep_monthly=self.keep_monthly,
+            keep_yearly=self.keep_yearly,
+            keep_within=self.keep_within,
+            keep_min=self.keep_min,
+        )
+
+
 class SourceConfig(_Model):
     tenant: str
     type: Literal["tree"]
@@ -233,6 +271,7 @@ class SourceConfig(_Model):
     at: tuple[Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")], ...] = ()
     rpo_target: Duration | None = None
     rto_target: Duration | None = None
+    retention: RetentionConfig | None = None  # what `drsvc forget` keeps; unset: forget refuses
 
     def next_due(self, last: float) -> float:
         """The first moment after a snapshot taken at `last` (epoch seconds) when the next one is due."""
