@@ -46,6 +46,7 @@ class Tracked:
     source: str
     key: str
     time_ns: int
+    sites: tuple[str, ...] = ()  # the sites it was spooled for (a reload may change the policy since)
 
 
 @dataclass
@@ -76,7 +77,12 @@ class SiteLoop:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.shipper.wakeup.clear()  # before the pass: an object spooled during it wakes the next one
-            failed, delay = await self.pass_once()
+            try:
+                failed, delay = await self.pass_once()
+            except Exception:  # e.g. the state disk failing: log, count, back off, keep the loop alive
+                log.exception("site loop pass failed", extra={"site": self.site})
+                self.up, self.last_error = False, "internal error (see the log)"
+                failed, delay, self.backoff = True, self.backoff, min(BACKOFF_MAX, self.backoff * 2)
             await _wait_any(stop, self.shipper.wakeup, delay, wake_ok=not failed)
 
     async def pass_once(self) -> tuple[bool, float]:
@@ -131,6 +137,7 @@ class Supervisor:
     sites: dict[str, SiteLoop] = field(default_factory=dict)
     tracked: list[Tracked] = field(default_factory=list)
     paused: bool = False  # intake paused: the spool is over its quota
+    spool_used: int = 0  # bytes in the spool at the last tick
 
     def __post_init__(self) -> None:
         cfg = self.app.config
@@ -143,13 +150,16 @@ class Supervisor:
             if st.protected_until:
                 self.metrics.source_protected(sc.tenant, name, st.protected_until)
         self.tracked = [
-            Tracked(**t) for t in json.loads(outbox.get_meta("tracked") or "[]") if t["source"] in cfg.sources
+            Tracked(t["source"], t["key"], t["time_ns"], tuple(t.get("sites", ())))
+            for t in json.loads(outbox.get_meta("tracked") or "[]")
+            if t["source"] in cfg.sources
         ]
         names = list(dict.fromkeys(s for sc in cfg.sources.values() for s in sc.sites))
         stores = {n: self.app.store(n) for n in names}
         for n in names:
             self.sites[n] = SiteLoop(stores[n], self.app, [stores[p] for p in names if p != n], self.metrics)
-        self.metrics.spool(self.app.spool.used_bytes(), cfg.state.spool_quota)
+        self.spool_used = self.app.spool.used_bytes()
+        self.metrics.spool(self.spool_used, cfg.state.spool_quota)
         self._stop = asyncio.Event()
         self._intake = asyncio.Event()  # set: schedulers stop taking snapshots
         self._snapshot_lock = asyncio.Lock()
@@ -174,7 +184,7 @@ class Supervisor:
             if not self.paused:
                 log.warning(
                     "spool over quota: intake paused until the sites take the backlog",
-                    extra={"used": self.app.spool.used_bytes(), "quota": self.app.config.state.spool_quota},
+                    extra={"used": self.spool_used, "quota": self.app.config.state.spool_quota},
                 )
             self.paused = True
             return []
@@ -188,8 +198,9 @@ class Supervisor:
         ]
 
     def spool_full(self) -> bool:
+        """From the use measured by the last tick (no SQLite on the event loop)."""
         quota = self.app.config.state.spool_quota
-        return quota > 0 and self.app.spool.used_bytes() >= quota
+        return quota > 0 and self.spool_used >= quota
 
     async def snapshot(self, source: str) -> None:
         """Take one snapshot of `source` into the spool and track its record."""
@@ -215,7 +226,9 @@ class Supervisor:
         st.last_snapshot, st.last_error = rec.time_ns / 1e9, None
         outcome: Outcome = "partial" if rec.partial else "ok"
         self.metrics.source_snapshot(st.tenant, source, outcome, time.monotonic() - began, rec.time_ns / 1e9)
-        self.tracked.append(Tracked(source, result.key, rec.time_ns))
+        self.tracked.append(
+            Tracked(source, result.key, rec.time_ns, tuple(self.app.config.sources[source].sites))
+        )
         outbox = self.app.spool.outbox
         await asyncio.to_thread(outbox.set_meta, f"last_snapshot:{source}", repr(st.last_snapshot))
         await asyncio.to_thread(self._save_tracked)
@@ -240,7 +253,9 @@ class Supervisor:
         still: list[Tracked] = []
         for t in self.tracked:
             sc = cfg.sources[t.source]
-            p = await asyncio.to_thread(replicator.protection, spool, t.key, sc.sites, sc.min_copies)
+            p = await asyncio.to_thread(
+                replicator.protection, spool, t.key, sc.sites, sc.min_copies, t.sites or sc.sites
+            )
             if not p.protected:
                 still.append(t)
                 continue
@@ -259,10 +274,14 @@ class Supervisor:
         for name in self.sites:
             b = await asyncio.to_thread(spool.outbox.backlog, name)
             self.metrics.site_backlog(name, b.objects, b.bytes, (now - b.oldest) if b.oldest else 0.0)
-        self.metrics.spool(await asyncio.to_thread(spool.used_bytes), cfg.state.spool_quota)
+        self.spool_used = await asyncio.to_thread(spool.used_bytes)
+        self.metrics.spool(self.spool_used, cfg.state.spool_quota)
         if self.on_status:
             self.on_status(self.status_line(now) + ("; SPOOL FULL, intake paused" if self.paused else ""))
-        if self.on_progress:
+        dead = [t.get_name() for t in self._tasks + self._site_tasks if t.done()]
+        if dead and not self._intake.is_set():  # a loop died: stop proving liveness, so systemd restarts us
+            log.error("supervisor task ended unexpectedly; watchdog pings stop", extra={"tasks": dead})
+        elif self.on_progress:
             self.on_progress()
 
     def status_line(self, now: float) -> str:
@@ -296,8 +315,7 @@ class Supervisor:
         self._site_tasks = [
             asyncio.create_task(loop.run(self._stop), name=f"site:{n}") for n, loop in self.sites.items()
         ]
-        unsubscribe = self.app.spool.subscribe(self._wake_all)
-        self._unsubscribe = unsubscribe
+        self._unsubscribe: Callable[[], None] | None = self.app.spool.subscribe(self._wake_all)
         self._tasks = [
             asyncio.create_task(self._schedule(), name="scheduler"),
             asyncio.create_task(self._ticker(), name="ticker"),
@@ -310,10 +328,14 @@ class Supervisor:
 
     async def _schedule(self) -> None:
         while not self._intake.is_set():
-            for source in self.due(self.clock()):
-                if self._intake.is_set():
-                    return
-                await self.snapshot(source)
+            try:
+                for source in self.due(self.clock()):
+                    if self._intake.is_set():
+                        return
+                    await self.snapshot(source)
+            except Exception:  # never let the scheduler die quietly: log and try again after a pause
+                log.exception("scheduler pass failed")
+                await asyncio.sleep(IDLE_POLL)
             nxt = min(
                 (
                     self.app.config.sources[n].next_due(st.last_snapshot) - self.clock()
@@ -330,8 +352,8 @@ class Supervisor:
         while not self._stop.is_set():
             try:
                 await self.tick()
-            except DRError as exc:
-                log.error("tick failed", extra={"error": str(exc)})
+            except Exception:
+                log.exception("tick failed")
             try:
                 await asyncio.wait_for(self._stop.wait(), self.app.config.daemon.tick)
             except TimeoutError:
@@ -356,6 +378,7 @@ class Supervisor:
                 t.cancel()
         everything = [t for t in (scheduler, ticker) if t is not None] + self._site_tasks
         await asyncio.gather(*everything, return_exceptions=True)
-        if getattr(self, "_unsubscribe", None):
-            self._unsubscribe()
+        unsubscribe, self._unsubscribe = getattr(self, "_unsubscribe", None), None
+        if unsubscribe is not None:
+            unsubscribe()
         await self.tick()  # protection reached during the drain is recorded before exit

@@ -34,12 +34,19 @@ class Protection:
         return len(self.holding) >= self.min_copies
 
 
-def protection(spool: Spool, key: str, sites: Sequence[str], min_copies: int) -> Protection:
+def protection(
+    spool: Spool, key: str, sites: Sequence[str], min_copies: int, targets: Sequence[str] | None = None
+) -> Protection:
+    """Which of `sites` hold `key`. `targets`: the sites the object was spooled for (default `sites`); an
+    object gone from the outbox is held by those targets, and only by those that are still in `sites`."""
+    wanted = set(sites)
     state = spool.outbox.acked_sites(key)
     if state is None:  # gone from the outbox: every target site acknowledged it
-        return Protection(key, tuple(sites), (), min_copies)
-    holding, lacking = state
-    return Protection(key, tuple(holding), tuple(lacking), min_copies)
+        held = [s for s in (targets if targets is not None else sites) if s in wanted]
+        return Protection(key, tuple(held), tuple(s for s in sites if s not in held), min_copies)
+    holding, _lacking = state
+    held = [s for s in holding if s in wanted]
+    return Protection(key, tuple(held), tuple(s for s in sites if s not in held), min_copies)
 
 
 async def replicate(

@@ -281,3 +281,25 @@ def test_lock_sweeps_a_crash_between_the_last_ack_and_shipped(tmp_path: Path) ->
         other.close()
     finally:
         owner.close()
+
+
+def test_protection_counts_only_the_sites_an_object_went_to(tmp_path: Path) -> None:
+    """After a reload widened a source from [a] to [a, b] with min_copies 2, a record that went only to a
+    (and left the outbox when a acknowledged it) is not protected; nor do sites outside the policy count."""
+    from replicator import protection
+
+    spool = Spool(tmp_path)
+    try:
+        key = "t/snapshots/" + "ab" * 12 + "/" + "cd" * 16
+        seq = spool.put(key, b"record", "t", ["a"], barrier=True)
+        assert spool.outbox.ack(seq, "a")
+        spool.shipped(seq, key)  # gone from the outbox: every target (a) holds it
+        assert protection(spool, key, ["a"], 1, ["a"]).protected
+        widened = protection(spool, key, ["a", "b"], 2, ["a"])
+        assert not widened.protected and widened.holding == ("a",) and widened.lacking == ("b",)
+        key2 = "t/snapshots/" + "ab" * 12 + "/" + "ef" * 16
+        seq2 = spool.put(key2, b"record", "t", ["a", "c"], barrier=True)
+        spool.outbox.ack(seq2, "c")  # c acknowledged, but c is no longer in the policy
+        assert protection(spool, key2, ["a", "b"], 1, ["a", "c"]).holding == ()
+    finally:
+        spool.close()

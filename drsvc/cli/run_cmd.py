@@ -16,7 +16,7 @@ from typing import Any
 
 from drsvc import logs
 from drsvc.app import App
-from drsvc.core.config import Config, load_config
+from drsvc.core.config import Config, S3SiteConfig, load_config
 from drsvc.core.errors import DRError
 from drsvc.http import HealthChecks, make_app, parse_listen, serve
 from drsvc.metrics import Metrics
@@ -70,9 +70,10 @@ class Daemon:
             await self.app.close()
         self.supervisor, self.app = None, None
 
-    async def reload(self) -> None:
+    async def reload(self, stop: asyncio.Event) -> None:
         try:
             new = load_config(self.config_path)
+            _read_secrets(new)  # before anything stops: an unreadable secret refuses the reload
         except DRError as exc:
             log.error(
                 "reload refused: the new config is invalid; the running one stays",
@@ -81,18 +82,30 @@ class Daemon:
             self.reload_error = exc.message[:120]
             self.notifier.status(f"reload refused: {exc}")
             return
-        self.reload_error = None
         self.notifier.reloading()
         log.info("reloading", extra={"config": str(self.config_path)})
-        old = {f"{s.tenant}/{n}" for n, s in self.config.sources.items()}
+        old = self.config
         await self.stop_supervisor()
-        for gone in old - {f"{s.tenant}/{n}" for n, s in new.sources.items()}:
-            tenant, source = gone.split("/", 1)
-            self.metrics.remove_source(tenant, source)
-        for site in _used_sites(self.config) - _used_sites(new):
+        if stop.is_set():  # SIGTERM arrived during the drain: do not start again
+            return
+        try:
+            self.config = new
+            await self.start_supervisor()
+        except Exception as exc:
+            log.exception("reload failed while starting; going back to the previous config")
+            await self.stop_supervisor()
+            self.config = old
+            await self.start_supervisor()
+            self.reload_error = str(exc)[:120]
+            self.notifier.ready()
+            return
+        self.reload_error = None
+        for gone in {(s.tenant, n) for n, s in old.sources.items()} - {
+            (s.tenant, n) for n, s in new.sources.items()
+        }:
+            self.metrics.remove_source(*gone)
+        for site in _used_sites(old) - _used_sites(new):
             self.metrics.remove_site(site)
-        self.config = new
-        await self.start_supervisor()
         self.notifier.ready()
         log.info("reloaded", extra={"sources": len(new.sources), "sites": len(new.sites)})
 
@@ -128,7 +141,7 @@ class Daemon:
                     w.cancel()
                 if hup.is_set() and not stop.is_set():
                     hup.clear()
-                    await self.reload()
+                    await self.reload(stop)
             self.notifier.stopping()
             log.info("stopping", extra={"drain_timeout": self.config.daemon.drain_timeout})
             await self.stop_supervisor()
@@ -139,6 +152,17 @@ class Daemon:
                 await self.pinger.stop()
             await self.stop_supervisor()
             await runner.cleanup()
+
+
+def _read_secrets(config: Config) -> None:
+    """Read every key and credential the config names (files, environment), raising ConfigError naming the
+    key: a config can parse and still point at a secret that is not there."""
+    for name, tenant in config.tenants.items():
+        tenant.key.material(name)
+    for name, site in config.sites.items():
+        if isinstance(site, S3SiteConfig):
+            site.access_key.read_text(f"sites.{name}.access_key")
+            site.secret_key.read_text(f"sites.{name}.secret_key")
 
 
 def _used_sites(config: Config) -> set[str]:

@@ -280,13 +280,12 @@ class SourceConfig(_Model):
         if interval is not None:
             candidates.append(last + interval)
         if self.at:
-            base = datetime.datetime.fromtimestamp(last).astimezone()
-            for day in (0, 1):
+            today = datetime.datetime.fromtimestamp(last).date()  # local date
+            for day in (0, 1, 2):
                 for hhmm in self.at:
                     h, m = (int(x) for x in hhmm.split(":"))
-                    t = (base + datetime.timedelta(days=day)).replace(
-                        hour=h, minute=m, second=0, microsecond=0
-                    )
+                    # a naive local time: .timestamp() applies that date's own UTC offset (DST)
+                    t = datetime.datetime.combine(today + datetime.timedelta(days=day), datetime.time(h, m))
                     if t.timestamp() > last:
                         candidates.append(t.timestamp())
         return min(candidates)
