@@ -37,6 +37,7 @@ log = logging.getLogger("drsvc.supervisor")
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 IDLE_POLL = 5.0
+FAILED_RETRY = 300.0
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SourceState:
     protected_until: float = 0.0  # wall-clock seconds: every change up to here is at >= min_copies sites
     last_error: str | None = None
     running: bool = False
+    not_before: float = 0.0  # after a failed snapshot: no new attempt before this
 
 
 class SiteLoop:
@@ -194,7 +196,9 @@ class Supervisor:
         return [
             n
             for n, st in self.sources.items()
-            if not st.running and now >= self.app.config.sources[n].next_due(st.last_snapshot)
+            if not st.running
+            and now >= st.not_before
+            and now >= self.app.config.sources[n].next_due(st.last_snapshot)
         ]
 
     def spool_full(self) -> bool:
@@ -218,7 +222,7 @@ class Supervisor:
                     extra={"source": source, "error": str(exc)},
                     exc_info=not isinstance(exc, DRError),
                 )
-                st.last_snapshot = self.clock()  # back off for one interval rather than retry at once
+                st.not_before = self.clock() + FAILED_RETRY  # retry soon, not a whole interval (or day) later
                 return
             finally:
                 st.running = False
@@ -338,7 +342,7 @@ class Supervisor:
                 await asyncio.sleep(IDLE_POLL)
             nxt = min(
                 (
-                    self.app.config.sources[n].next_due(st.last_snapshot) - self.clock()
+                    max(self.app.config.sources[n].next_due(st.last_snapshot), st.not_before) - self.clock()
                     for n, st in self.sources.items()
                 ),
                 default=IDLE_POLL,

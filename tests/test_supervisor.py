@@ -433,3 +433,27 @@ def test_sighup_adds_and_removes_sources_and_sites_without_a_restart(tmp_path: P
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_failed_snapshot_is_retried_after_minutes_not_a_day(tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    _corpus(src)
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"]), source={"at": ["02:00"]}))
+    clock = Clock()
+    sup = Supervisor(app, Metrics(), clock=clock)
+    try:
+        shutil.move(src, tmp_path / "unmounted")  # the source is not there at its time
+        await sup.run_once()
+        st = sup.sources["docs"]
+        assert st.last_error and "cannot read the source" in st.last_error and st.last_snapshot == 0
+        clock.now += 60
+        assert sup.due(clock.now) == []  # not at once ...
+        shutil.move(tmp_path / "unmounted", src)
+        clock.now += 300
+        assert sup.due(clock.now) == ["docs"]  # ... but minutes later, not at 02:00 tomorrow
+        await sup.run_once()
+        assert st.last_error is None and st.protected_until > 0
+    finally:
+        await app.close()
