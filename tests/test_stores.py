@@ -300,3 +300,24 @@ async def test_corrupt_copy_is_read_from_another_site(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_local_site_without_its_repository_refuses_data(tmp_path: Path) -> None:
+    """An unmounted NFS site is an empty directory: data waits in the spool, it does not land on local disk."""
+    from drsvc.core.config import LocalSiteConfig
+    from drsvc.core.errors import TransientStoreError
+    from drsvc.core.stores.compose import open_site
+    from drsvc.core.stores.retry import RetryPolicy
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    site = open_site("nfs", LocalSiteConfig(type="local", path=mount), RetryPolicy(attempts=1))
+    try:
+        await site.put("fin/keys/" + "a" * 32, b"{}")  # init's own objects are allowed
+        with pytest.raises(TransientStoreError, match="is it mounted"):
+            await site.put("fin/data/ab/" + "ab" * 16, b"pack")
+        assert not (mount / "fin" / "data").exists()
+        await site.put("fin/config", b"{}")
+        await site.put("fin/data/ab/" + "ab" * 16, b"pack")
+    finally:
+        await site.close()

@@ -21,7 +21,7 @@ def open_site(
     `bandwidth`, the bytes each attempt moves are limited by a token bucket (``ThrottleStore``)."""
     inner: ObjectStore
     if isinstance(cfg, LocalSiteConfig):
-        inner = LocalStore(name, cfg.path, fsync=cfg.fsync)
+        inner = LocalStore(name, cfg.path, fsync=cfg.fsync, require_repository=True)
     else:
         from drsvc.core.stores.s3 import S3Store  # minio takes ~90 ms to import: only when a site needs it
 

@@ -27,10 +27,21 @@ _MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 class LocalStore:
-    def __init__(self, name: str, root: str | Path, *, threads: int = 4, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        root: str | Path,
+        *,
+        threads: int = 4,
+        fsync: bool = True,
+        require_repository: bool = False,
+    ) -> None:
         self.name = name
         self.root = Path(root)
         self.fsync = fsync
+        # an NFS site that is not mounted is an empty directory: writing there would fill the local disk and
+        # count as a copy. With this, data is written only where the tenant's repository config already is.
+        self.require_repository = require_repository
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"local-{name}")
 
     def _path(self, key: str) -> Path:
@@ -48,7 +59,20 @@ class LocalStore:
         return StoreError(f"{what} failed: {exc.strerror}", site=self.name, key=key)
 
     # -- blocking halves --------------------------------------------------------------------------
+    def _check_repository(self, key: str) -> None:
+        parts = key.split("/")
+        if not self.require_repository or len(parts) < 2 or parts[1] in ("config", "keys"):
+            return
+        if not (self.root / parts[0] / "config").is_file():
+            raise TransientStoreError(
+                "the site holds no repository for this tenant: is it mounted?",
+                site=self.name,
+                key=key,
+                hint=f"check that {self.root} is mounted and `drsvc init` ran; the data waits in the spool",
+            )
+
     def _put(self, key: str, data: bytes) -> None:
+        self._check_repository(key)
         try:
             write_file(self._path(key), data, self.fsync)
         except OSError as exc:
@@ -56,6 +80,7 @@ class LocalStore:
 
     def _put_file(self, key: str, src: Path) -> None:
         """A hard link on the same file system (objects are immutable, so sharing is safe), else a copy."""
+        self._check_repository(key)
         path = self._path(key)
         try:
             make_dirs(path.parent, self.fsync)
