@@ -303,7 +303,7 @@ async def test_corrupt_copy_is_read_from_another_site(tmp_path: Path) -> None:
 
 
 async def test_a_local_site_without_its_repository_refuses_data(tmp_path: Path) -> None:
-    """An unmounted NFS site is an empty directory: data waits in the spool, it does not land on local disk."""
+    """An unmounted NFS site is an empty directory: data waits in the spool, not on the local disk."""
     from drsvc.core.config import LocalSiteConfig
     from drsvc.core.errors import TransientStoreError
     from drsvc.core.stores.compose import open_site
