@@ -167,23 +167,11 @@ class App:
         started = loop.time()
         sc = self.config.source(source)
         stores = [self.store(n) for n in sc.sites]
-        repo = await self.open_repo(sc.tenant)
         done = asyncio.Event()
         limits = {n: self.config.sites[n].concurrency for n in sc.sites}
         shipping = asyncio.ensure_future(replicator.replicate(self.spool, stores, limits, done=done))
         try:
-            result = await snapshot.take_snapshot(
-                source,
-                sc,
-                repo,
-                self.spool,
-                stores,
-                self.cache_dir,
-                self.pool,
-                self.workers,
-                progress,
-                self.in_process_bytes,
-            )
+            result = await self.snapshot_to_spool(source, progress)
         except BaseException:
             shipping.cancel()  # the backlog stays in the spool for the next run
             await asyncio.gather(shipping, return_exceptions=True)
