@@ -38,6 +38,7 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 IDLE_POLL = 5.0
 FAILED_RETRY = 300.0
+RETENTION_EVERY = 3600.0  # sources with a retention policy: apply it at most this often
 
 
 @dataclass
@@ -58,6 +59,7 @@ class SourceState:
     last_error: str | None = None
     running: bool = False
     not_before: float = 0.0  # after a failed snapshot: no new attempt before this
+    last_retention: float = 0.0
 
 
 class SiteLoop:
@@ -306,12 +308,36 @@ class Supervisor:
                 reasons.append(f"source {name}: {up} of min_copies {sc.min_copies} sites reachable")
         return not reasons, reasons
 
+    async def apply_retention(self, now: float) -> None:
+        """`drsvc forget` for each source with a retention policy, at most every RETENTION_EVERY seconds.
+        Only snapshot records go (prune removes data); a record still in the spool is not at any site yet,
+        so the newest snapshot the sites hold is the newest the policy sees."""
+        for name, st in self.sources.items():
+            if self.app.config.sources[name].retention is None or now - st.last_retention < RETENTION_EVERY:
+                continue
+            st.last_retention = now
+            try:
+                outcome = await self.app.forget(name)
+            except Exception as exc:
+                log.error("retention failed", extra={"source": name, "error": str(exc)})
+                continue
+            if outcome.deleted or outcome.unreachable:
+                log.info(
+                    "retention applied",
+                    extra={
+                        "source": name,
+                        "forgotten": len(outcome.plan.forget),
+                        "unreachable": sorted(outcome.unreachable),
+                    },
+                )
+
     async def run_once(self) -> None:
         """Everything one pass of the daemon does: due snapshots, one shipping pass per site, a tick."""
         for source in self.due(self.clock()):
             await self.snapshot(source)
         await asyncio.gather(*(loop.pass_once() for loop in self.sites.values()))
         await self.tick()
+        await self.apply_retention(self.clock())
 
     # -- the long-running shape -------------------------------------------------------------------
     async def start(self) -> None:
@@ -337,6 +363,7 @@ class Supervisor:
                     if self._intake.is_set():
                         return
                     await self.snapshot(source)
+                await self.apply_retention(self.clock())
             except Exception:  # never let the scheduler die quietly: log and try again after a pause
                 log.exception("scheduler pass failed")
                 await asyncio.sleep(IDLE_POLL)

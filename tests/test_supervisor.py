@@ -457,3 +457,30 @@ async def test_a_failed_snapshot_is_retried_after_minutes_not_a_day(tmp_path: Pa
         assert st.last_error is None and st.protected_until > 0
     finally:
         await app.close()
+
+
+async def test_the_daemon_applies_retention_on_its_schedule(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _corpus(src)
+    app = await init_app(
+        make_config(
+            tmp_path,
+            src,
+            local_sites(tmp_path, ["a"]),
+            source={"interval": 60, "retention": {"keep_last": 2}},
+        )
+    )
+    clock = Clock()
+    sup = Supervisor(app, Metrics(), clock=clock)
+    records = tmp_path / "sites" / "a" / "fin" / "snapshots"
+    try:
+        for i in range(5):
+            (src / f"round{i}.txt").write_text(f"{i}\n")
+            clock.now += 3601  # a snapshot is due, and so is retention
+            await sup.run_once()
+        kept = [p for p in records.rglob("*") if p.is_file()]
+        assert len(kept) == 2  # keep_last 2, applied by the daemon
+        await app.restore("docs", tmp_path / "out", None)
+    finally:
+        await app.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)
