@@ -90,7 +90,7 @@ class App:
     @property
     def spool(self) -> Spool:
         if self._spool is None:
-            spool = Spool(self.config.state.dir, self.config.state.spool_quota)
+            spool = Spool(self.config.state.dir)  # the quota is applied by the daemon's intake
             try:
                 spool.lock()
             except BaseException:

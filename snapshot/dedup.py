@@ -11,13 +11,14 @@ proves its packs are there. The set is therefore built from:
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from drsvc.core.errors import ObjectNotFound, StoreError
 from drsvc.core.layout import Handle, Kind
-from drsvc.core.repository import Repository
+from drsvc.core.repository import Repository, gather_limited
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ReadStore
 
@@ -78,13 +79,7 @@ class DedupIndex:
             for p in packs:
                 index.add_all([b.blob_id for b in p.blobs])
 
-        sem = asyncio.Semaphore(16)
-
-        async def limited(name: str) -> None:
-            async with sem:
-                await from_site(name)
-
-        await asyncio.gather(*(limited(n) for n in common))
+        await gather_limited(16, [functools.partial(from_site, n) for n in sorted(common)])
         for key, targets in await asyncio.to_thread(
             spool.outbox.keys, repo.tenant, repo.layout.prefix(Kind.INDEX)
         ):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import threading
@@ -314,15 +315,13 @@ class Repository:
     ) -> list[SnapshotRecord]:
         tag = self.keys.source_tag(source) if source else ""
         handles = await self.list_handles(Kind.SNAPSHOT, tag, store)
-        sem = asyncio.Semaphore(16)
 
         async def one(h: Handle) -> SnapshotRecord:
-            async with sem:
-                return await self.fetch(
-                    h, lambda b: self.decode_snapshot(h.name, b, source), stores=[store] if store else None
-                )
+            return await self.fetch(
+                h, lambda b: self.decode_snapshot(h.name, b, source), stores=[store] if store else None
+            )
 
-        records = await asyncio.gather(*(one(h) for h in handles))
+        records = await gather_limited(16, [functools.partial(one, h) for h in handles])
         return sorted(records, key=lambda r: (r.time_ns, r.id))
 
     def decode_snapshot(self, name: str, data: bytes, source: str | None = None) -> SnapshotRecord:
@@ -344,13 +343,12 @@ class Repository:
             h for h in await self.list_handles(Kind.INDEX, store=store) if h.name not in self._index_names
         ]
         order = [store, *[s for s in self.stores if s is not store]]
-        sem = asyncio.Semaphore(16)
 
         async def one(h: Handle) -> list[PackIndex]:
-            async with sem:
-                return await self.fetch(h, lambda b: self.decode_index(h.name, b), stores=order)
+            return await self.fetch(h, lambda b: self.decode_index(h.name, b), stores=order)
 
-        for h, packs in zip(handles, await asyncio.gather(*(one(h) for h in handles)), strict=True):
+        fetched = await gather_limited(16, [functools.partial(one, h) for h in handles])
+        for h, packs in zip(handles, fetched, strict=True):
             self._index_names.add(h.name)
             for p in packs:
                 for e in p.blobs:

@@ -22,19 +22,14 @@ class StateBusy(DRError):
     hint = "wait for the other run to finish, or give this one its own [state] dir"
 
 
-class SpoolFull(DRError):
-    hint = "a site is down or slow: the spool holds the backlog; free space, raise the quota or fix the site"
-
-
 class Spool:
-    def __init__(self, state_dir: Path, quota: int = 0) -> None:
+    def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.dir = state_dir / "spool"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state_dir, 0o700)  # trees in the parent cache and the outbox name the source's files
         self._lock_fd: int | None = None
         self.outbox = Outbox(state_dir / "outbox.db")
-        self.quota = quota
         self._listeners: list[Callable[[], None]] = []
 
     def lock(self) -> None:
