@@ -182,6 +182,17 @@ class LocalSiteConfig(_Model):
     fsync: bool = True
     bandwidth: Size | None = None  # bytes per second to and from this site (e.g. "20MiB"); unset: no limit
     concurrency: int = Field(default=4, ge=1, le=64)
+    object_lock: Duration | None = None  # refused: a directory cannot enforce retention (see the validator)
+
+    @field_validator("object_lock")
+    @classmethod
+    def _no_lock(cls, v: float | None) -> float | None:
+        if v is not None:
+            raise ValueError(
+                "a local-directory site cannot lock objects (anyone with write access to the directory can "
+                "delete them); remove object_lock here, or use an S3 site whose bucket has object lock enabled"
+            )
+        return v
 
 
 class S3SiteConfig(_Model):
@@ -197,6 +208,10 @@ class S3SiteConfig(_Model):
     timeout: float = Field(default=30.0, gt=0)
     create_bucket: bool = False
     bandwidth: Size | None = None  # bytes per second to and from this site (e.g. "20MiB"); unset: no limit
+    # Object lock: every object is written with COMPLIANCE retention for this long (e.g. "30d"), so nobody
+    # holding the site's credentials can delete it earlier. The bucket must have object lock enabled
+    # (create_bucket makes it so); a bucket without it is an error at start, never silently unlocked.
+    object_lock: Duration | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -374,9 +389,28 @@ class DaemonConfig(_Model):
     tick: Duration = 1.0  # supervisor loop period: metrics, status line, watchdog progress
 
 
+class ScrubConfig(_Model):
+    """`drsvc scrub` and the daemon's scrub schedule (drsvc/scrub.py)."""
+
+    interval: Duration | None = None  # the daemon scrubs every tenant this often; unset: only `drsvc scrub`
+    read_share: float = Field(default=0.1, gt=0, le=1)  # share of the packs downloaded and verified per run
+
+
+class PruneConfig(_Model):
+    """`drsvc prune` and the daemon's prune schedule (drsvc/prune.py)."""
+
+    interval: Duration | None = None  # the daemon prunes every tenant this often; unset: only `drsvc prune`
+    # An unreferenced pack is condemned by one prune run and deleted by a later one at least `grace` after;
+    # keep it longer than the longest snapshot plus the longest time a site may be down.
+    grace: Duration = 24 * 3600.0
+    repack_waste: float = Field(default=0.25, ge=0, le=1)  # repack a partly used pack above this unused share
+
+
 class Config(_Model):
     state: StateConfig
     daemon: DaemonConfig = DaemonConfig()
+    scrub: ScrubConfig = ScrubConfig()
+    prune: PruneConfig = PruneConfig()
     tenants: dict[Annotated[str, Field(pattern=_NAME)], TenantConfig]
     sites: dict[Annotated[str, Field(pattern=_NAME)], SiteConfig]
     sources: dict[Annotated[str, Field(pattern=_NAME)], SourceConfig]
