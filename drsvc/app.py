@@ -100,6 +100,11 @@ class App:
         return self._spool
 
     @property
+    def open_spool(self) -> Spool | None:
+        """The spool if this process has opened (and locked) it, else None: nothing is opened here."""
+        return self._spool
+
+    @property
     def workers(self) -> snapshot.WorkerPool:
         """The data worker processes, started on first use and kept for later snapshots."""
         if self._workers is None:

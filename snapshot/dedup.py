@@ -6,6 +6,9 @@ proves its packs are there. The set is therefore built from:
 1. the index objects listed at every reachable site of the source (an intersection), fetched once and
    cached locally as sealed bytes;
 2. index objects still in this host's outbox whose target sites include all of the source's sites.
+
+Blobs in packs that a prune marker condemns are left out: such a pack is deleted once its grace period has
+passed, so a snapshot must store those blobs again rather than reference them (drsvc/prune.py).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class DedupIndex:
                 listed.append(set())
                 warnings.append(f"site {store.name} unreachable while loading the index: {exc.message}")
         common = set.intersection(*listed) if listed else set()
+        condemned: set[str] = set()
+        for marker in await repo.prune_markers(sites):
+            condemned.update(marker.packs)
         await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
         site_names = {s.name for s in sites}
 
@@ -77,7 +83,8 @@ class DedupIndex:
                 await asyncio.to_thread(_write_cache, cached, data)
             packs = await asyncio.to_thread(repo.decode_index, name, data)
             for p in packs:
-                index.add_all([b.blob_id for b in p.blobs])
+                if p.pack not in condemned:
+                    index.add_all([b.blob_id for b in p.blobs])
 
         await gather_limited(16, [functools.partial(from_site, n) for n in sorted(common)])
         for key, targets in await asyncio.to_thread(

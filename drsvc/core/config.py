@@ -190,7 +190,8 @@ class LocalSiteConfig(_Model):
         if v is not None:
             raise ValueError(
                 "a local-directory site cannot lock objects (anyone with write access to the directory can "
-                "delete them); remove object_lock here, or use an S3 site whose bucket has object lock enabled"
+                "delete them); remove object_lock here, or use an S3 site whose bucket has object lock "
+                "enabled"
             )
         return v
 

@@ -47,6 +47,7 @@ class ObjectType(enum.IntEnum):
     INDEX = 2
     SNAPSHOT = 3
     KEYSLOT = 4
+    PRUNE = 5
 
 
 class BlobType(enum.IntEnum):

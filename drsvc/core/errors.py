@@ -59,6 +59,27 @@ class ObjectNotFound(StoreError):
     hint = "the object is missing at this site; restore from another site and run `drsvc check`"
 
 
+class ObjectLocked(StoreError):
+    """The site holds the object under COMPLIANCE retention: nobody can delete it before `until`.
+
+    Permanent (retrying before that date cannot succeed). `until` is the retain-until date, ISO 8601 in UTC,
+    when the site told it.
+    """
+
+    hint = "the site keeps this object under COMPLIANCE retention: nobody can delete it before that ends"
+
+    def __init__(
+        self, message: str, *, site: str, key: str, until: str | None = None, hint: str | None = None
+    ) -> None:
+        if hint is None and until is not None:
+            hint = (
+                f"the site keeps this object under COMPLIANCE retention until {until}: nobody can delete it "
+                "before then, by design; delete it again after that date"
+            )
+        super().__init__(message, hint=hint, site=site, key=key, until=until)
+        self.until = until
+
+
 class RepositoryError(DRError):
     """The repository is missing, of an unknown format, or inconsistent."""
 

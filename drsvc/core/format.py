@@ -350,3 +350,38 @@ def decode_snapshot(data: bytes, where: str) -> SnapshotRecord:
         )
     except _MALFORMED as exc:
         raise IntegrityError(f"malformed snapshot record: {exc}", object=where) from None
+
+
+# ---- prune markers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneMarker:
+    """Packs a prune run condemned: each is deleted by a later run once its grace period has passed, if it is
+    still unused then. Writers must not deduplicate against a condemned pack's blobs."""
+
+    id: str
+    time_ns: int  # when the marker was written
+    host: str
+    packs: dict[str, int]  # pack name -> when it was first condemned (ns since the epoch)
+
+
+def encode_prune_marker(m: PruneMarker) -> bytes:
+    return msgpack.packb(
+        {"v": FORMAT, "id": m.id, "time": m.time_ns, "host": m.host, "packs": sorted(m.packs.items())}
+    )
+
+
+def decode_prune_marker(data: bytes, where: str) -> PruneMarker:
+    try:
+        o = msgpack.unpackb(data)
+        if o.get("v") != FORMAT:
+            raise ValueError(f"unsupported prune marker version {o.get('v')}")
+        packs = {}
+        for name, t in o["packs"]:
+            if not isinstance(name, str) or not isinstance(t, int):
+                raise ValueError("bad pack entry")
+            packs[name] = t
+        return PruneMarker(str(o["id"]), int(o["time"]), str(o["host"]), packs)
+    except _MALFORMED as exc:
+        raise IntegrityError(f"malformed prune marker: {exc}", object=where) from None

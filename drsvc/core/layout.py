@@ -9,6 +9,7 @@ keyed tag so that a site learns nothing from a listing.
     <tenant>/data/<id[:2]>/<id>             a sealed pack of blobs
     <tenant>/index/<id>                     a sealed index (blob id -> pack, offset, length)
     <tenant>/snapshots/<source tag>/<id>    a sealed snapshot record
+    <tenant>/prune/<id>                     a sealed prune marker (packs condemned, awaiting deletion)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Kind(enum.Enum):
     PACK = "data"
     INDEX = "index"
     SNAPSHOT = "snapshots"
+    PRUNE = "prune"
 
 
 @dataclass(frozen=True, order=True)
@@ -102,7 +104,7 @@ class Layout:
                 return Handle(kind, parts[3])
             if kind is Kind.SNAPSHOT and len(parts) == 4:
                 return Handle(kind, parts[3], parts[2])
-            if kind in (Kind.KEY, Kind.INDEX) and len(parts) == 3:
+            if kind in (Kind.KEY, Kind.INDEX, Kind.PRUNE) and len(parts) == 3:
                 return Handle(kind, parts[2])
         except (ValueError, IndexError) as exc:
             raise RepositoryError(f"not an object of this repository: {exc}", key=key) from None

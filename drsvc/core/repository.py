@@ -354,6 +354,35 @@ class Repository:
                 for e in p.blobs:
                     self._index.setdefault(e.blob_id, BlobLocation(p.pack, p.salt, e))
 
+    async def prune_markers(self, stores: Sequence[ReadStore] | None = None) -> list[format.PruneMarker]:
+        """The prune markers found at any of `stores` (default: every site). An unreachable site is skipped,
+        since every marker is written to every site; a marker no site holds intact is skipped, by writers
+        and by prune alike, so its packs are simply not condemned."""
+        names: dict[str, list[ReadStore]] = {}
+        for store in stores if stores is not None else self.stores:
+            try:
+                for h in await self.list_handles(Kind.PRUNE, store=store):
+                    names.setdefault(h.name, []).append(store)
+            except StoreError:
+                continue
+
+        async def one(name: str) -> format.PruneMarker | None:
+            try:
+                return await self.fetch(
+                    Handle(Kind.PRUNE, name), lambda b: self.decode_prune_marker(name, b), stores=names[name]
+                )
+            except (StoreError, IntegrityError):  # unreadable everywhere: prune ignores it too
+                return None
+
+        found = await gather_limited(16, [functools.partial(one, n) for n in sorted(names)])
+        return [m for m in found if m is not None]
+
+    def decode_prune_marker(self, name: str, data: bytes) -> format.PruneMarker:
+        m = format.decode_prune_marker(crypto.open_object(self.keys, ObjectType.PRUNE, name, data), name)
+        if m.id != name:
+            raise IntegrityError("prune marker does not match its name", object=name)
+        return m
+
     def decode_index(self, name: str, data: bytes) -> list[PackIndex]:
         return format.decode_index(crypto.open_object(self.keys, ObjectType.INDEX, name, data), name)
 
