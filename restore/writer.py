@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from drsvc.core.errors import ObjectNotFound
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import BlobLocation, Repository
 from restore.plan import Plan
@@ -103,12 +104,25 @@ class BlobWriter:
 
         async def one(r: _Range) -> None:
             async with sem:
-                blobs = await self.repo.fetch(
-                    Handle(Kind.PACK, r.pack), lambda data: self._open(r, data), r.start, r.end - r.start
-                )
-                await asyncio.to_thread(self._write, blobs)
+                for blobs in await self._fetch(r):
+                    await asyncio.to_thread(self._write, blobs)
 
         await asyncio.gather(*(one(r) for r in _ranges(needed)))
+
+    async def _fetch(self, r: _Range) -> list[list[tuple[bytes, bytes]]]:
+        """The verified blobs of one range. If the pack is gone from every site (a prune deleted it after the
+        index was read), the blobs are read again from where the current indexes put them."""
+        try:
+            blobs = await self.repo.fetch(
+                Handle(Kind.PACK, r.pack), lambda data: self._open(r, data), r.start, r.end - r.start
+            )
+            return [blobs]
+        except ObjectNotFound:
+            await self.repo.relocate(r.pack)
+            moved = {bid: await self.repo.locate(bid) for bid, _ in r.blobs}
+            if any(loc.pack == r.pack for loc in moved.values()):
+                raise
+            return [b for rr in _ranges(moved) for b in await self._fetch(rr)]
 
     def _open(self, r: _Range, data: bytes) -> list[tuple[bytes, bytes]]:
         mv = memoryview(data)

@@ -13,6 +13,7 @@ from conftest import WeedServer
 from helpers import init_app, local_sites, make_config, tree_state
 from test_sites import s3_site
 
+import restore
 from drsvc.app import App
 from drsvc.check import check_site
 from drsvc.core.errors import ObjectLocked, TransientStoreError
@@ -119,6 +120,8 @@ async def test_repack_keeps_used_blobs_and_frees_the_rest(tmp_path: Path) -> Non
         states = await history(app, src)
         latest = max(states, key=lambda k: states[k][0])
         await app.forget("docs")
+        stale = await app.open_repo("fin")  # a restore that read the index before the prune
+        await stale.load_index()
         r = await prune_tenant(app, "fin", grace=0, repack_waste=0.1)
         assert r.repacked and r.repack_blobs and r.deleted
         assert set(r.repacked) <= set(r.deleted)
@@ -132,6 +135,9 @@ async def test_repack_keeps_used_blobs_and_frees_the_rest(tmp_path: Path) -> Non
         target = tmp_path / "r"
         res = await app.restore("docs", target, None, "b")
         assert res.snapshot.id == latest and tree_state(target) == states[latest][1]
+        # the stale reader finds the repacked blobs in their new packs
+        res = await restore.restore_tree(stale, "docs", tmp_path / "r-stale", None)
+        assert res.snapshot.id == latest and tree_state(tmp_path / "r-stale") == states[latest][1]
     finally:
         await app.close()
 

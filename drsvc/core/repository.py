@@ -238,6 +238,9 @@ class Repository:
         self._index: dict[bytes, BlobLocation] | None = None
         self._index_names: set[str] = set()
         self._searched_all = False
+        self._gone: set[str] = set()  # packs found deleted (by a prune) after the index was read
+        self._relocating = asyncio.Lock()
+        self._late: list[PackIndex] = []  # indexes read while relocating
 
     @classmethod
     async def open(
@@ -350,9 +353,19 @@ class Repository:
         fetched = await gather_limited(16, [functools.partial(one, h) for h in handles])
         for h, packs in zip(handles, fetched, strict=True):
             self._index_names.add(h.name)
-            for p in packs:
-                for e in p.blobs:
-                    self._index.setdefault(e.blob_id, BlobLocation(p.pack, p.salt, e))
+            if self._gone:  # read to relocate: kept, for blobs of packs found gone later
+                self._late.extend(packs)
+            self._apply(packs)
+
+    def _apply(self, packs: list[PackIndex]) -> None:
+        assert self._index is not None
+        for p in packs:
+            if p.pack in self._gone:
+                continue
+            for e in p.blobs:
+                cur = self._index.get(e.blob_id)
+                if cur is None or cur.pack in self._gone:
+                    self._index[e.blob_id] = BlobLocation(p.pack, p.salt, e)
 
     async def prune_markers(self, stores: Sequence[ReadStore] | None = None) -> list[format.PruneMarker]:
         """The prune markers found at any of `stores` (default: every site). An unreachable site is skipped,
@@ -415,14 +428,38 @@ class Repository:
             )
         return loc
 
+    async def relocate(self, gone: str) -> None:
+        """Pack `gone` is missing at every site. A prune may have deleted it after this repository read its
+        index (a pack is deleted only after every index naming it was replaced; blobs still needed were
+        copied to other packs first): read the indexes written since, and move its blobs to their new
+        places. A blob that has none stays where it was, and reading it fails again, naming the pack."""
+        async with self._relocating:
+            if gone in self._gone:
+                return
+            self._gone.add(gone)
+            await self.load_index()
+            self._apply(self._late)
+            for store in self.stores:
+                try:
+                    await self._add_indexes(store)
+                except StoreError:
+                    continue
+
     async def read_blob(self, blob_id: bytes) -> bytes:
-        loc = await self.locate(blob_id)
-        return await self.fetch(
-            Handle(Kind.PACK, loc.pack),
-            lambda b: self.open_blob(loc, b, blob_id),
-            loc.entry.offset,
-            loc.entry.length,
-        )
+        for attempt in range(2):
+            loc = await self.locate(blob_id)
+            try:
+                return await self.fetch(
+                    Handle(Kind.PACK, loc.pack),
+                    functools.partial(self.open_blob, loc, blob_id=blob_id),
+                    loc.entry.offset,
+                    loc.entry.length,
+                )
+            except ObjectNotFound:
+                if attempt:
+                    raise
+                await self.relocate(loc.pack)
+        raise AssertionError("unreachable")
 
     async def read_tree(self, tree_id: bytes) -> list[format.Node]:
         loc = await self.locate(tree_id)
