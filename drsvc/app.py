@@ -22,7 +22,7 @@ import snapshot
 from drsvc.core import retention
 from drsvc.core.config import Config
 from drsvc.core.crypto import ScryptParams, Suite
-from drsvc.core.errors import ConfigError, RepositoryNotFound, StoreError
+from drsvc.core.errors import ConfigError, ObjectLocked, RepositoryNotFound, StoreError
 from drsvc.core.format import SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import (
@@ -261,6 +261,7 @@ class App:
         records = await gather_limited(16, [functools.partial(read, n) for n in sorted(holders)])
         result = retention.plan(records, sc.retention.policy(), time.time_ns())
         deleted: dict[str, set[str]] = {}
+        locked: dict[str, dict[str, str]] = {}
 
         async def delete_at(site: str) -> None:
             store = self.store(site)
@@ -269,6 +270,9 @@ class App:
                     continue
                 try:
                     await store.delete(repo.layout.key(Handle(Kind.SNAPSHOT, rec.id, tag)))
+                except ObjectLocked as exc:  # retention not over: a later run deletes it
+                    locked.setdefault(rec.id, {})[site] = exc.until or "?"
+                    continue
                 except StoreError as exc:
                     unreachable[site] = exc.message
                     return
@@ -276,7 +280,7 @@ class App:
 
         if not dry_run:
             await asyncio.gather(*(delete_at(s) for s in sc.sites if s not in unreachable))
-        return ForgetOutcome(source, result, sc.sites, holders, deleted, unreachable, dry_run)
+        return ForgetOutcome(source, result, sc.sites, holders, deleted, unreachable, dry_run, locked)
 
     async def restore(
         self,

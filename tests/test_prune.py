@@ -290,3 +290,36 @@ async def test_prune_while_a_snapshot_runs_on_two_seaweedfs_sites(
         assert res.snapshot.id == snap1.result.record.id
     finally:
         await app.close()
+
+
+async def test_forget_reports_a_locked_record_and_deletes_it_once_the_lock_is_over(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = make_config(
+        tmp_path,
+        src,
+        local_sites(tmp_path, ["a", "b"]),
+        tenant=TENANT,
+        source={"retention": {"keep_last": 1}},
+    )
+    app = await init_app(cfg)
+    try:
+        await history(app, src)
+        healthy = app.store("b")
+        locked = ObjectLocked("object is locked", site="b", key="?", until="2099-01-01T00:00:00Z")
+        app._stores["b"] = FaultyStore(healthy, [Fault("delete", key_contains="/snapshots/", error=locked)])
+        o = await app.forget("docs")
+        assert o.complete and len(o.plan.forget) == 2
+        assert o.locked == {r.id: {"b": "2099-01-01T00:00:00Z"} for r in o.plan.forget}
+        assert o.deleted == {r.id: {"a"} for r in o.plan.forget}
+        # the record kept at b keeps its data: prune treats every record at any site as kept
+        r = await prune_tenant(app, "fin", grace=0, repack_waste=1.0)
+        assert r.snapshots == 3 and not r.deleted
+        app._stores["b"] = healthy
+        o2 = await app.forget("docs")
+        assert o2.deleted == {r.id: {"b"} for r in o.plan.forget} and not o2.locked
+        r = await prune_tenant(app, "fin", grace=0, repack_waste=1.0)
+        assert r.snapshots == 1 and r.deleted
+        await assert_clean(app, ["a", "b"])
+    finally:
+        await app.close()

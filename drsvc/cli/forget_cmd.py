@@ -43,6 +43,7 @@ def _as_json(o: ForgetOutcome) -> dict[str, Any]:
             for r in o.plan.forget
         ],
         "unreachable": o.unreachable,
+        "locked": o.locked,
         "complete": o.complete,
     }
 
@@ -69,6 +70,12 @@ async def run(args: argparse.Namespace) -> int:
             out(f"{action:6}  {r.id[:16]}  {when(r.time_ns):25}  {marks:{width}}  {why}{flag}".rstrip())
         if o.plan.forget and not o.dry_run:
             out("snapshot records deleted; the data they reference stays until `drsvc prune`")
+    for rid, where in sorted(o.locked.items()):
+        for site, until in sorted(where.items()):
+            err(
+                f"note: site {site} keeps snapshot {rid[:16]} under object lock until {until}; "
+                "a later forget deletes it there"
+            )
     for site, why in sorted(o.unreachable.items()):
         err(
             f"warning: site {site} could not be reached ({why}); "

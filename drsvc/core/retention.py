@@ -183,8 +183,10 @@ class ForgetOutcome:
     deleted: dict[str, set[str]]  # snapshot id -> sites where its record was deleted
     unreachable: dict[str, str]  # site -> why it could not be listed or a deletion failed there
     dry_run: bool
+    locked: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> site -> retained until (lock)
 
     @property
     def complete(self) -> bool:
-        """Every site of the source was reached (and, unless dry_run, every deletion done)."""
+        """Every site of the source was reached (and, unless dry_run, every deletion done; a record kept by
+        object lock counts as done: it goes by itself when a later run finds its retention over)."""
         return not self.unreachable
