@@ -256,9 +256,11 @@ class WeedServer:
             return "(no log)"
 
     # -- buckets and stores -------------------------------------------------------------------------
-    def make_bucket(self, name: str | None = None) -> str:
+    def make_bucket(self, name: str | None = None, object_lock: bool = False) -> str:
+        """A new bucket; with `object_lock`, one with object lock enabled (and so versioned), whose objects
+        under retention no request can remove: ``remove_bucket`` cannot clean it up before they expire."""
         bucket = name or f"t-{uuid.uuid4().hex[:24]}"
-        self.client().make_bucket(bucket)
+        self.client().make_bucket(bucket, object_lock=object_lock)
         return bucket
 
     def remove_bucket(self, bucket: str) -> None:

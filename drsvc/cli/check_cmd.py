@@ -21,14 +21,24 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def lock_text(period: float | None) -> str:
+    if period is None:
+        return "no object lock (objects can be deleted by anyone with access to the site)"
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+        if period >= seconds and period % seconds == 0:
+            return f"object lock COMPLIANCE {period // seconds:.0f}{unit}"
+    return f"object lock COMPLIANCE {period:g}s"
+
+
 async def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     async with App(config) as app:
         sites = args.site or config.tenant_sites(args.tenant)
         repo = await app.open_repo(args.tenant, sites[0])
         results = [await check_site(repo, app.store(s), args.read_data) for s in sites]
+        locks = {s: app.store(s).lock_period for s in sites}
     if args.json:
-        emit_json([r.__dict__ for r in results])
+        emit_json([{**r.__dict__, "lock_period": locks[r.site]} for r in results])
     else:
         for r in results:
             state = "ok" if r.ok else f"{len(r.problems)} PROBLEMS"
@@ -38,4 +48,6 @@ async def run(args: argparse.Namespace) -> int:
             )
             for p in r.problems[:200]:
                 out(f"  {p}")
+        for s in sites:
+            out(f"site {s}: {lock_text(locks[s])}")
     return 0 if all(r.ok for r in results) else EXIT_INTEGRITY

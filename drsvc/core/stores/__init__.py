@@ -7,6 +7,8 @@
    retried (network, timeouts, 5xx, throttling), any other ``StoreError`` is permanent. Only transient
    errors are retried, by the ``RetryStore`` wrapper, never inside a store.
 4. Wrappers (retry, fault injection) implement the same protocol and are stacked in ``compose.open_site``.
+5. Object lock: a store whose ``lock_period`` is set writes every object under COMPLIANCE retention for that
+   long; deleting an object before its retention ends raises ``ObjectLocked`` (permanent).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class ReadStore(Protocol):
 
 @runtime_checkable
 class ObjectStore(ReadStore, Protocol):
+    lock_period: float | None
+    """Seconds of COMPLIANCE retention every object is written with, so that nobody holding the site's
+    credentials can delete it earlier (``delete`` raises ObjectLocked). None: the site locks nothing."""
+
     async def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, durably, before returning. All or nothing: no partial object."""
         ...
@@ -53,7 +59,8 @@ class ObjectStore(ReadStore, Protocol):
         ...
 
     async def delete(self, key: str) -> None:
-        """Remove the object; removing a missing object is not an error."""
+        """Remove the object; removing a missing object is not an error. ObjectLocked if it is under
+        retention (see ``lock_period``): it stays, whole and readable."""
         ...
 
     async def close(self) -> None: ...

@@ -37,6 +37,7 @@ def open_site(
             concurrency=cfg.concurrency,
             timeout=cfg.timeout,
             create_bucket=cfg.create_bucket,
+            object_lock=cfg.object_lock,
         )
     if observer is not None:
         inner = MeteredStore(inner, observer)

@@ -31,6 +31,7 @@ class FaultyStore:
     def __init__(self, inner: ObjectStore, faults: list[Fault] | None = None) -> None:
         self.inner = inner
         self.name = inner.name
+        self.lock_period = inner.lock_period
         self.faults: list[Fault] = list(faults or [])
 
     def _check(self, op: str, key: str) -> Fault | None:

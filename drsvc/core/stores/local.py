@@ -37,6 +37,7 @@ class LocalStore:
         require_repository: bool = False,
     ) -> None:
         self.name = name
+        self.lock_period: float | None = None  # a directory cannot enforce retention
         self.root = Path(root)
         self.fsync = fsync
         # an NFS site that is not mounted is an empty directory: writing there would fill the local disk and

@@ -29,6 +29,7 @@ class MeteredStore:
     def __init__(self, inner: ObjectStore, observer: Observer) -> None:
         self.inner = inner
         self.name = inner.name
+        self.lock_period = inner.lock_period
         self.observer = observer
 
     async def _timed(self, op: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -1,4 +1,8 @@
-"""Retry wrapper: retries transient errors only, with exponential backoff and jitter (tenacity)."""
+"""Retry wrapper: retries transient errors only, with exponential backoff and jitter (tenacity).
+
+Only ``TransientStoreError`` is retried; every other ``StoreError`` is permanent and passes at once, among
+them ``ObjectLocked`` (an object under retention stays locked whatever the number of attempts).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class RetryStore:
     def __init__(self, inner: ObjectStore, policy: RetryPolicy = RetryPolicy()) -> None:
         self.inner = inner
         self.name = inner.name
+        self.lock_period = inner.lock_period
         self.policy = policy
 
     def _retrying(self) -> AsyncRetrying:

@@ -49,6 +49,7 @@ class ThrottleStore:
     def __init__(self, inner: ObjectStore, bucket: TokenBucket) -> None:
         self.inner = inner
         self.name = inner.name
+        self.lock_period = inner.lock_period
         self.bucket = bucket
 
     async def put(self, key: str, data: bytes) -> None:
