@@ -323,3 +323,36 @@ async def test_forget_reports_a_locked_record_and_deletes_it_once_the_lock_is_ov
         await assert_clean(app, ["a", "b"])
     finally:
         await app.close()
+
+
+async def test_prune_on_a_seaweedfs_site_with_object_lock(tmp_path: Path, seaweed: WeedServer) -> None:
+    """Locked packs survive prune (reported, still condemned); once their retention ends prune deletes them
+    everywhere, permanently, and check is clean."""
+    src = tmp_path / "src"
+    src.mkdir()
+    locked_site = s3_site(seaweed, seaweed.make_bucket(object_lock=True))
+    locked_site["object_lock"] = "4s"
+    sites = {"a": local_sites(tmp_path, ["a"])["a"], "b": locked_site}
+    cfg = make_config(tmp_path, src, sites, tenant=TENANT, source={"retention": {"keep_last": 1}})
+    app = await init_app(cfg)
+    try:
+        await history(app, src)
+        o = await app.forget("docs")
+        assert o.locked and o.deleted  # the records at b are locked too
+        r = await prune_tenant(app, "fin", grace=0, repack_waste=1.0)
+        assert r.snapshots == 3 and not r.condemned  # the records b keeps keep their data
+        await asyncio.sleep(6.0)
+        o = await app.forget("docs")
+        assert not o.locked and all(s == {"b"} for s in o.deleted.values())
+        r = await prune_tenant(app, "fin", grace=0, repack_waste=1.0)
+        assert r.snapshots == 1 and r.condemned
+        assert not r.locked or all(x.site == "b" for x in r.locked)
+        if r.locked:  # written less than 4 s ago (the last snapshot's packs): deleted by a later run
+            await asyncio.sleep(6.0)
+            r2 = await prune_tenant(app, "fin", grace=3600, repack_waste=1.0)
+            assert not r2.locked and not r2.waiting
+        for s in ("a", "b"):
+            assert not await listing(app, s, Kind.PACK) & set(r.condemned)
+        await assert_clean(app, ["a", "b"])
+    finally:
+        await app.close()
