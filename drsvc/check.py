@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from drsvc.core import format
-from drsvc.core.errors import DRError
+from drsvc.core.errors import DRError, IntegrityError
 from drsvc.core.layout import Handle, Kind
-from drsvc.core.repository import Repository
+from drsvc.core.repository import BlobLocation, Repository
 from drsvc.core.stores import ReadStore
 
 
@@ -105,7 +105,7 @@ async def check_site(
                     return
                 res.bytes_read += len(data)
                 try:
-                    await asyncio.to_thread(_verify_pack, repo, pack, data, entries)
+                    await asyncio.to_thread(verify_pack, repo, pack, data, entries)
                 except DRError as exc:
                     res.problems.append(
                         f"pack data/{pack}: {exc.message} {exc.fields.get('blob', '')}".rstrip()
@@ -117,10 +117,10 @@ async def check_site(
     return res
 
 
-def _verify_pack(repo: Repository, pack: str, data: bytes, indexed: list[format.BlobEntry]) -> None:
-    from drsvc.core.errors import IntegrityError
-    from drsvc.core.repository import BlobLocation
-
+def verify_pack(repo: Repository, pack: str, data: bytes, indexed: list[format.BlobEntry]) -> None:
+    """Verify a whole pack object (CPU work: run it off the event loop): authenticate its sealed header,
+    require every `indexed` entry to be in it unchanged, and verify every blob (AEAD tag, length, keyed
+    content id). Raises IntegrityError naming the pack (and the blob) at the first problem."""
     salt, entries = format.read_pack_header(repo.keys, pack, data)
     by_id = {e.blob_id: e for e in entries}
     for e in indexed:

@@ -6,8 +6,8 @@
    ``site_backlog``, ...); nobody else touches the prometheus objects or formats label values.
 3. ``update_rpo(now_s)`` recomputes every source's RPO gauge (now − protected_until) from the stored
    protected_until values; the supervisor calls it on each tick and before a scrape is served.
-4. ``remove_source`` / ``remove_site`` drop every label set of a source or site on a config reload, so a
-   removed source stops showing a growing RPO.
+4. ``remove_source`` / ``remove_site`` / ``remove_tenant`` drop every label set of a source, site or tenant
+   on a config reload, so a removed source stops showing a growing RPO.
 5. ``render()`` returns the exposition body and its content type for the HTTP endpoint.
 """
 
@@ -120,6 +120,37 @@ class Metrics:
         )
         self._spool_full = Gauge("drsvc_spool_full", "1 when the spool refuses new data, else 0", registry=r)
 
+        self._scrub_findings = Counter(
+            "drsvc_scrub_findings_total",
+            "Scrub findings by site and kind (missing, corrupt, size, extra, stray, unreachable)",
+            ("tenant", "site", "kind"),
+            registry=r,
+        )
+        self._scrub_repairs = Counter(
+            "drsvc_scrub_repairs_total",
+            "Copies the scrubber wrote to a site from a verified copy at another site",
+            ("tenant", "site"),
+            registry=r,
+        )
+        self._scrub_unrecoverable = Gauge(
+            "drsvc_scrub_unrecoverable_objects",
+            "Objects that no site held intact at the tenant's last scrub (alert on > 0)",
+            ("tenant",),
+            registry=r,
+        )
+        self._scrub_verified = Counter(
+            "drsvc_scrub_bytes_verified_total",
+            "Bytes the scrubber downloaded and verified",
+            ("tenant",),
+            registry=r,
+        )
+        self._scrub_last = Gauge(
+            "drsvc_scrub_last_run_timestamp_seconds",
+            "Unix time the tenant's last scrub finished",
+            ("tenant",),
+            registry=r,
+        )
+
         self._build = Gauge(
             "drsvc_build_info", "Always 1; the label carries the version", ("version",), registry=r
         )
@@ -128,6 +159,7 @@ class Metrics:
         self._protected_until: dict[tuple[str, str], float] = {}
         self._sources: set[tuple[str, str]] = set()
         self._error_kinds: dict[str, set[str]] = {}
+        self._scrub_labels: set[tuple[str, str, str]] = set()  # (tenant, site, kind) of findings
 
     # -- sources ---------------------------------------------------------------------------------------------
 
@@ -213,6 +245,43 @@ class Metrics:
         for op in OPS:
             with contextlib.suppress(KeyError):
                 self._request.remove(site, op)
+        for tenant, s, kind in [k for k in self._scrub_labels if k[1] == site]:
+            self._remove_scrub_labels(tenant, s, kind)
+
+    # -- scrub -----------------------------------------------------------------------------------------------
+
+    def scrub_finding(self, tenant: str, site: str, kind: str) -> None:
+        """The scrubber found something at a site; ``kind`` is a drsvc.scrub.FindingKind value."""
+        self._scrub_labels.add((tenant, site, kind))
+        self._scrub_findings.labels(tenant, site, kind).inc()
+
+    def scrub_repair(self, tenant: str, site: str) -> None:
+        self._scrub_labels.add((tenant, site, ""))
+        self._scrub_repairs.labels(tenant, site).inc()
+
+    def scrub_verified(self, tenant: str, nbytes: int) -> None:
+        self._scrub_verified.labels(tenant).inc(nbytes)
+
+    def scrub_finished(self, tenant: str, finished_s: float, unrecoverable: int) -> None:
+        """A scrub of the tenant finished at ``finished_s`` with this many objects no site holds intact."""
+        self._scrub_last.labels(tenant).set(finished_s)
+        self._scrub_unrecoverable.labels(tenant).set(unrecoverable)
+
+    def remove_tenant(self, tenant: str) -> None:
+        """Drop every scrub series of the tenant (config reload removed it); unknown tenants are ignored."""
+        for family in (self._scrub_unrecoverable, self._scrub_verified, self._scrub_last):
+            with contextlib.suppress(KeyError):
+                family.remove(tenant)
+        for t, site, kind in [k for k in self._scrub_labels if k[0] == tenant]:
+            self._remove_scrub_labels(t, site, kind)
+
+    def _remove_scrub_labels(self, tenant: str, site: str, kind: str) -> None:
+        self._scrub_labels.discard((tenant, site, kind))
+        with contextlib.suppress(KeyError):
+            if kind:
+                self._scrub_findings.remove(tenant, site, kind)
+            else:
+                self._scrub_repairs.remove(tenant, site)
 
     # -- spool and exposition --------------------------------------------------------------------------------
 

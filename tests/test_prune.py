@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 
 import pytest
 from conftest import WeedServer
-from helpers import init_app, local_sites, make_config, tree_state
+from helpers import FAST_SCRYPT, init_app, local_sites, make_config, tree_state
 from test_sites import s3_site
 
 import restore
 from drsvc.app import App
 from drsvc.check import check_site
+from drsvc.cli.main import EXIT_USAGE, main
+from drsvc.core.config import load_config
 from drsvc.core.errors import ObjectLocked, TransientStoreError
 from drsvc.core.layout import Kind
 from drsvc.core.repository import Repository
@@ -356,3 +359,42 @@ async def test_prune_on_a_seaweedfs_site_with_object_lock(tmp_path: Path, seawee
         await assert_clean(app, ["a", "b"])
     finally:
         await app.close()
+
+
+def test_the_prune_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    text = (
+        f'[state]\ndir = "{tmp_path}/state"\n[tenants.fin]\npack_size = "256KiB"\n'
+        '[tenants.fin.key.passphrase]\nvalue = "pw"\n'
+        f'[sites.a]\ntype = "local"\npath = "{tmp_path}/sites/a"\n'
+        f'[sources.docs]\ntenant = "fin"\ntype = "tree"\npath = "{src}"\nsites = ["a"]\n'
+        "[sources.docs.retention]\nkeep_last = 1\n"
+    )
+    cfg = tmp_path / "drsvc.toml"
+    cfg.write_text(text)
+
+    async def make() -> None:
+        app = App(load_config(cfg), workers=2)
+        try:
+            await app.init_tenant("fin", FAST_SCRYPT)
+            await history(app, src)
+        finally:
+            await app.close()
+
+    asyncio.run(make())
+    assert main(["-c", str(cfg), "forget", "docs"]) == 0
+    capsys.readouterr()
+    assert main(["-c", str(cfg), "prune", "--dry-run", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry[0]["tenant"] == "fin" and dry[0]["dry_run"] and dry[0]["condemned"] > 0
+    assert main(["-c", str(cfg), "prune"]) == 0  # the default grace: condemned, nothing deleted yet
+    text_out = capsys.readouterr().out
+    assert "condemned" in text_out and "deleted after the grace period" in text_out
+    assert main(["-c", str(cfg), "prune", "--grace", "0", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done[0]["deleted"] == dry[0]["condemned"] and done[0]["waiting"] == 0
+    assert main(["-c", str(cfg), "check", "fin", "--read-data"]) == 0
+    assert main(["-c", str(cfg), "prune", "--grace", "soon"]) == EXIT_USAGE
+    assert "--grace" in capsys.readouterr().err
+    assert main(["-c", str(cfg), "prune", "--tenant", "nobody"]) == EXIT_USAGE
