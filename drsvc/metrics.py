@@ -151,11 +151,43 @@ class Metrics:
             registry=r,
         )
 
+        self._prune_last = Gauge(
+            "drsvc_prune_last_run_timestamp_seconds",
+            "Unix time the tenant's last prune run finished",
+            ("tenant",),
+            registry=r,
+        )
+        self._prune_deleted = Counter(
+            "drsvc_prune_deleted_bytes_total",
+            "Pack bytes prune deleted (one replica; every site holding a pack deletes it)",
+            ("tenant",),
+            registry=r,
+        )
+        self._prune_waiting = Gauge(
+            "drsvc_prune_condemned_packs",
+            "Packs condemned by prune and waiting for their grace period (or their object lock) to end",
+            ("tenant",),
+            registry=r,
+        )
+        self._prune_locked = Gauge(
+            "drsvc_prune_locked_objects",
+            "Objects the tenant's last prune could not delete because object lock still retains them",
+            ("tenant",),
+            registry=r,
+        )
+        self._maintenance_failures = Counter(
+            "drsvc_maintenance_failures_total",
+            "Scrub or prune runs of the daemon that failed (see the logs)",
+            ("tenant", "task"),
+            registry=r,
+        )
+
         self._build = Gauge(
             "drsvc_build_info", "Always 1; the label carries the version", ("version",), registry=r
         )
         self._build.labels(version or _package_version()).set(1)
 
+        self._maintenance_labels: set[tuple[str, str]] = set()
         self._protected_until: dict[tuple[str, str], float] = {}
         self._sources: set[tuple[str, str]] = set()
         self._error_kinds: dict[str, set[str]] = {}
@@ -267,9 +299,36 @@ class Metrics:
         self._scrub_last.labels(tenant).set(finished_s)
         self._scrub_unrecoverable.labels(tenant).set(unrecoverable)
 
+    # -- prune and failures of maintenance ------------------------------------------------------------------
+
+    def prune_finished(
+        self, tenant: str, finished_s: float, deleted_bytes: int, waiting: int, locked: int
+    ) -> None:
+        self._prune_last.labels(tenant).set(finished_s)
+        self._prune_deleted.labels(tenant).inc(deleted_bytes)
+        self._prune_waiting.labels(tenant).set(waiting)
+        self._prune_locked.labels(tenant).set(locked)
+
+    def maintenance_failed(self, tenant: str, task: str) -> None:
+        self._maintenance_labels.add((tenant, task))
+        self._maintenance_failures.labels(tenant, task).inc()
+
     def remove_tenant(self, tenant: str) -> None:
-        """Drop every scrub series of the tenant (config reload removed it); unknown tenants are ignored."""
-        for family in (self._scrub_unrecoverable, self._scrub_verified, self._scrub_last):
+        """Drop every scrub and prune series of the tenant (config reload removed it); unknown tenants are
+        ignored."""
+        for t, task in [k for k in self._maintenance_labels if k[0] == tenant]:
+            self._maintenance_labels.discard((t, task))
+            with contextlib.suppress(KeyError):
+                self._maintenance_failures.remove(t, task)
+        for family in (
+            self._scrub_unrecoverable,
+            self._scrub_verified,
+            self._scrub_last,
+            self._prune_last,
+            self._prune_deleted,
+            self._prune_waiting,
+            self._prune_locked,
+        ):
             with contextlib.suppress(KeyError):
                 family.remove(tenant)
         for t, site, kind in [k for k in self._scrub_labels if k[0] == tenant]:

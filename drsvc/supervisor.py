@@ -11,6 +11,10 @@
    metrics (RPO, backlog, spool) and the status line are refreshed and watchdog progress is reported.
 4. ``stop(timeout)``: stop intake (schedulers), let the site loops finish their uploads until the deadline,
    cancel what is left. Everything unshipped stays in the spool for the next start.
+5. Maintenance (its own task, so a long scrub never delays a snapshot): per tenant, retention at most
+   hourly (in the scheduler), prune every ``prune.interval`` and scrub every ``scrub.interval`` when set, one
+   run at a time, so a tenant is never pruned and scrubbed at once. A failed run is logged and counted, and
+   retried at the next interval; cancelling one at stop loses nothing (both are safe to interrupt).
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 import replicator
+from drsvc import scrub
 from drsvc.app import App
 from drsvc.core.errors import DRError
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.metered import Observer
 from drsvc.metrics import Metrics, Op, Outcome
+from drsvc.prune import prune_tenant
 from replicator import Shipper
 
 log = logging.getLogger("drsvc.supervisor")
@@ -39,6 +45,7 @@ BACKOFF_MAX = 60.0
 IDLE_POLL = 5.0
 FAILED_RETRY = 300.0
 RETENTION_EVERY = 3600.0  # sources with a retention policy: apply it at most this often
+MAINTENANCE_POLL = 30.0  # how often the maintenance task looks whether a prune or scrub is due
 
 
 @dataclass
@@ -169,6 +176,7 @@ class Supervisor:
         self._snapshot_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._site_tasks: list[asyncio.Task[None]] = []
+        self._maintenance: asyncio.Task[None] | None = None
 
     # -- requests to the sites (MeteredStore under each site's retries) ------------------------------
     def observe(self, site: str, op: str, seconds: float, error: str | None) -> None:
@@ -284,7 +292,8 @@ class Supervisor:
         self.metrics.spool(self.spool_used, cfg.state.spool_quota)
         if self.on_status:
             self.on_status(self.status_line(now) + ("; SPOOL FULL, intake paused" if self.paused else ""))
-        dead = [t.get_name() for t in self._tasks + self._site_tasks if t.done()]
+        tasks = self._tasks + self._site_tasks + ([self._maintenance] if self._maintenance else [])
+        dead = [t.get_name() for t in tasks if t.done()]
         if dead and not self._intake.is_set():  # a loop died: stop proving liveness, so systemd restarts us
             log.error("supervisor task ended unexpectedly; watchdog pings stop", extra={"tasks": dead})
         elif self.on_progress:
@@ -331,6 +340,54 @@ class Supervisor:
                     },
                 )
 
+    def tenants(self) -> list[str]:
+        return [t for t in self.app.config.tenants if self.app.config.tenant_sites(t)]
+
+    async def maintain(self, now: float) -> None:
+        """Prune and scrub each tenant whose interval has passed (see the module docstring, 5.)."""
+        cfg = self.app.config
+        outbox = self.app.spool.outbox
+        for tenant in self.tenants():
+            if self._intake.is_set():
+                return
+            if cfg.prune.interval is not None:
+                stamp = await asyncio.to_thread(outbox.get_meta, f"last_prune:{tenant}")
+                last = float(stamp or 0)
+                if now - last >= cfg.prune.interval:
+                    await self._maintenance_run(tenant, "prune", self._prune(tenant))
+                    await asyncio.to_thread(outbox.set_meta, f"last_prune:{tenant}", repr(self.clock()))
+            interval = cfg.scrub.interval
+            if interval is not None and scrub.scrub_due(cfg.state.dir, tenant, interval, now):
+                await self._maintenance_run(
+                    tenant,
+                    "scrub",
+                    scrub.scrub_tenant(self.app, tenant, cfg.scrub.read_share, metrics=self.metrics),
+                )
+
+    async def _prune(self, tenant: str) -> None:
+        r = await prune_tenant(self.app, tenant)
+        self.metrics.prune_finished(tenant, self.clock(), r.deleted_bytes, r.waiting, len(r.locked))
+
+    async def _maintenance_run(self, tenant: str, task: str, work: Awaitable[object]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # logged and counted; the next interval tries again
+            self.metrics.maintenance_failed(tenant, task)
+            log.error(f"{task} failed", extra={"tenant": tenant, "error": str(exc)})
+
+    async def _maintain_loop(self) -> None:
+        while not self._intake.is_set():
+            try:
+                await self.maintain(self.clock())
+            except Exception:
+                log.exception("maintenance pass failed")
+            try:
+                await asyncio.wait_for(self._intake.wait(), MAINTENANCE_POLL)
+            except TimeoutError:
+                pass
+
     async def run_once(self) -> None:
         """Everything one pass of the daemon does: due snapshots, one shipping pass per site, a tick."""
         for source in self.due(self.clock()):
@@ -350,6 +407,9 @@ class Supervisor:
             asyncio.create_task(self._schedule(), name="scheduler"),
             asyncio.create_task(self._ticker(), name="ticker"),
         ]
+        cfg = self.app.config
+        if cfg.prune.interval is not None or cfg.scrub.interval is not None:
+            self._maintenance = asyncio.create_task(self._maintain_loop(), name="maintenance")
 
     def _wake_all(self) -> None:
         """Called from whichever thread spooled an object: hand the wake-up to the daemon's loop."""
@@ -393,6 +453,9 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """Stop intake, drain in-flight uploads within `grace` seconds, cancel the rest, persist state."""
         self._intake.set()
+        if self._maintenance is not None:  # prune and scrub are safe to interrupt: stop them now
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
         scheduler, ticker = self._tasks if self._tasks else (None, None)
         deadline = time.monotonic() + grace
         if scheduler is not None:

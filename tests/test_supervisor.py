@@ -14,9 +14,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import init_app, local_sites, make_config, tree_state
+from helpers import du, init_app, local_sites, make_config, tree_state
 from prometheus_client.parser import text_string_to_metric_families
 
+from drsvc.check import check_site
+from drsvc.core.config import PruneConfig, ScrubConfig
 from drsvc.core.errors import TransientStoreError
 from drsvc.core.stores.faults import Fault, FaultyStore
 from drsvc.metrics import Metrics
@@ -481,6 +483,57 @@ async def test_the_daemon_applies_retention_on_its_schedule(tmp_path: Path) -> N
         kept = [p for p in records.rglob("*") if p.is_file()]
         assert len(kept) == 2  # keep_last 2, applied by the daemon
         await app.restore("docs", tmp_path / "out", None)
+    finally:
+        await app.close()
+    assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+async def test_the_daemon_prunes_and_scrubs_on_their_schedules(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _corpus(src)
+    cfg = make_config(
+        tmp_path,
+        src,
+        local_sites(tmp_path, ["a", "b"]),
+        tenant={"pack_size": "256KiB"},
+        source={"interval": 60, "retention": {"keep_last": 1}},
+    )
+    cfg = cfg.model_copy(
+        update={
+            "prune": PruneConfig(interval=3600, grace=1),
+            "scrub": ScrubConfig(interval=3600, read_share=1),
+        }
+    )
+    app = await init_app(cfg)
+    clock = Clock()
+    metrics = Metrics()
+    sup = Supervisor(app, metrics, clock=clock)
+    packs = tmp_path / "sites" / "b" / "fin" / "data"
+    try:
+        for _round in range(3):
+            for p in sorted(src.iterdir())[:6]:  # a third of the files change each round
+                p.write_bytes(os.urandom(100_000))
+            clock.now += 3601
+            await sup.run_once()  # a snapshot, then retention
+        before = du(packs)
+        await sup.maintain(clock.now)  # prune condemns; scrub finds nothing
+        time.sleep(1.1)
+        clock.now += 3601
+        victim = next(p for p in sorted(packs.rglob("*")) if p.is_file())
+        victim.unlink()  # damage at b for the scrubber (if prune deletes it too, nothing is lost)
+        await sup.maintain(clock.now)  # prune deletes what it condemned; scrub repairs the rest
+        assert du(packs) < before  # unused packs deleted, partly used ones repacked
+        s = _samples(metrics)
+        assert s[("drsvc_prune_deleted_bytes_total", (("tenant", "fin"),))] > 0
+        assert s[("drsvc_prune_condemned_packs", (("tenant", "fin"),))] == 0
+        assert s[("drsvc_scrub_last_run_timestamp_seconds", (("tenant", "fin"),))] > 0
+        assert s[("drsvc_scrub_unrecoverable_objects", (("tenant", "fin"),))] == 0
+        assert not any(k[0] == "drsvc_maintenance_failures_total" and v for k, v in s.items())
+        repo = await app.open_repo("fin")
+        for site in ("a", "b"):
+            res = await check_site(repo, app.store(site), read_data=True)
+            assert res.ok, res.problems
+        await app.restore("docs", tmp_path / "out", None, "b")
     finally:
         await app.close()
     assert tree_state(tmp_path / "out") == tree_state(src)

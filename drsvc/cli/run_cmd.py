@@ -106,6 +106,8 @@ class Daemon:
             self.metrics.remove_source(*gone)
         for site in _used_sites(old) - _used_sites(new):
             self.metrics.remove_site(site)
+        for tenant in set(old.tenants) - set(new.tenants):
+            self.metrics.remove_tenant(tenant)
         self.notifier.ready()
         log.info("reloaded", extra={"sources": len(new.sources), "sites": len(new.sites)})
 
