@@ -18,9 +18,26 @@ def handles(draw: st.DrawFn, kind: Kind | None = None) -> Handle:
     k = draw(st.sampled_from(list(Kind))) if kind is None else kind
     if k is Kind.CONFIG:
         return Handle(k)
-    if k is Kind.SNAPSHOT:
+    if k is Kind.WAL:
+        return Handle(k, draw(wal_names), draw(hex_names))
+    if k in (Kind.SNAPSHOT, Kind.SEGMENT):
         return Handle(k, draw(hex_names), draw(hex_names))
     return Handle(k, draw(hex_names))
+
+
+wal_names = st.one_of(
+    st.from_regex(r"\A[0-9A-F]{24}\Z"),
+    st.from_regex(r"\A[0-9A-F]{24}\.partial\Z"),
+    st.from_regex(r"\A[0-9A-F]{24}\.[0-9A-F]{8}\.backup\Z"),
+    st.from_regex(r"\A[0-9A-F]{8}\.history\Z"),
+)
+
+
+def test_wal_names_are_postgresql_s_and_nothing_else() -> None:
+    Handle(Kind.WAL, "000000010000000A000000FF", "ab" * 12)
+    for bad in ("00000001000000000000000", "000000010000000000000002/x", "../00000002.history", "ab" * 24):
+        with pytest.raises(ValueError):
+            Handle(Kind.WAL, bad, "ab" * 12)
 
 
 @given(tenants, handles())

@@ -271,8 +271,10 @@ class RetentionConfig(_Model):
 
 class SourceConfig(_Model):
     tenant: str
-    type: Literal["tree"]
-    path: Path
+    # tree: a directory tree, snapshotted; log: a directory of append-only files, streamed as change-log
+    # segments; postgres: a PostgreSQL cluster, base backups plus WAL from archive_command
+    type: Literal["tree", "log", "postgres"]
+    path: Path  # tree and log: the directory; postgres: the data directory (PGDATA)
     sites: tuple[str, ...] = Field(min_length=1)
     min_copies: int = Field(default=1, ge=1)
     exclude: tuple[str, ...] = ()
@@ -288,6 +290,29 @@ class SourceConfig(_Model):
     rpo_target: Duration | None = None
     rto_target: Duration | None = None
     retention: RetentionConfig | None = None  # what `drsvc forget` keeps; unset: forget refuses
+    # tree: snapshot on inotify events (debounced), with periodic full rescans; RPO of seconds
+    watch: bool = False
+    # log: new bytes are cut into a segment at least this often, or when segment_max bytes are waiting
+    sync_interval: Duration = 1.0
+    segment_max: Size = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    # postgres: libpq connection string for base backups (pg_basebackup -d), and where PostgreSQL's
+    # programs are (default: the newest /usr/lib/postgresql/*/bin)
+    conninfo: str | None = None
+    pg_bindir: Path | None = None
+
+    @field_validator("watch")
+    @classmethod
+    def _watch_tree(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("type") != "tree":
+            raise ValueError("watch applies to tree sources only")
+        return v
+
+    @field_validator("conninfo", "pg_bindir")
+    @classmethod
+    def _postgres_only(cls, v: object, info: ValidationInfo) -> object:
+        if v is not None and info.data.get("type") != "postgres":
+            raise ValueError(f"{info.field_name} applies to postgres sources only")
+        return v
 
     def next_due(self, last: float) -> float:
         """The first moment after a snapshot taken at `last` (epoch seconds) when the next one is due."""

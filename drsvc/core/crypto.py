@@ -48,6 +48,8 @@ class ObjectType(enum.IntEnum):
     SNAPSHOT = 3
     KEYSLOT = 4
     PRUNE = 5
+    SEGMENT = 6
+    WAL = 7
 
 
 class BlobType(enum.IntEnum):

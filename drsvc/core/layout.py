@@ -10,6 +10,8 @@ keyed tag so that a site learns nothing from a listing.
     <tenant>/index/<id>                     a sealed index (blob id -> pack, offset, length)
     <tenant>/snapshots/<source tag>/<id>    a sealed snapshot record
     <tenant>/prune/<id>                     a sealed prune marker (packs condemned, awaiting deletion)
+    <tenant>/logs/<source tag>/<name>       a sealed change-log segment of a log source
+    <tenant>/wal/<source tag>/<wal name>    a sealed WAL file of a postgres source (PostgreSQL's own name)
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ class Kind(enum.Enum):
     INDEX = "index"
     SNAPSHOT = "snapshots"
     PRUNE = "prune"
+    SEGMENT = "logs"
+    WAL = "wal"
+
+
+_PER_SOURCE = (Kind.SNAPSHOT, Kind.SEGMENT, Kind.WAL)
+# PostgreSQL's WAL, history and backup-label file names, as archive_command passes them
+_WAL_NAME = re.compile(r"^[0-9A-F]{24}(\.partial|\.[0-9A-F]{8}\.backup)?$|^[0-9A-F]{8}\.history$")
 
 
 @dataclass(frozen=True, order=True)
@@ -46,10 +55,13 @@ class Handle:
             if self.name:
                 raise ValueError("the config object has no name")
             return
-        if not _HEX.fullmatch(self.name):
+        if self.kind is Kind.WAL:
+            if not _WAL_NAME.fullmatch(self.name):
+                raise ValueError(f"not a PostgreSQL WAL, history or backup file name: {self.name!r}")
+        elif not _HEX.fullmatch(self.name):
             raise ValueError(f"object name must be lowercase hex: {self.name!r}")
-        if (self.kind is Kind.SNAPSHOT) != bool(self.source_tag):
-            raise ValueError("a source tag is required for snapshots and only for them")
+        if (self.kind in _PER_SOURCE) != bool(self.source_tag):
+            raise ValueError("a source tag is required for snapshots, segments and WAL, and only for them")
         if self.source_tag and not _HEX.fullmatch(self.source_tag):
             raise ValueError(f"source tag must be lowercase hex: {self.source_tag!r}")
 
@@ -81,14 +93,14 @@ class Layout:
             return f"{self.tenant}/config"
         if h.kind is Kind.PACK:
             return f"{self.tenant}/data/{h.name[:2]}/{h.name}"
-        if h.kind is Kind.SNAPSHOT:
-            return f"{self.tenant}/snapshots/{h.source_tag}/{h.name}"
+        if h.kind in _PER_SOURCE:
+            return f"{self.tenant}/{h.kind.value}/{h.source_tag}/{h.name}"
         return f"{self.tenant}/{h.kind.value}/{h.name}"
 
     def prefix(self, kind: Kind, source_tag: str = "") -> str:
         """The key prefix under which every object of `kind` (of one source, for snapshots) is listed."""
-        if kind is Kind.SNAPSHOT and source_tag:
-            return f"{self.tenant}/snapshots/{source_tag}/"
+        if kind in _PER_SOURCE and source_tag:
+            return f"{self.tenant}/{kind.value}/{source_tag}/"
         return f"{self.tenant}/{kind.value}/" if kind is not Kind.CONFIG else f"{self.tenant}/config"
 
     def parse(self, key: str) -> Handle:
@@ -102,7 +114,7 @@ class Layout:
                 return Handle(kind)
             if kind is Kind.PACK and len(parts) == 4 and parts[2] == parts[3][:2]:
                 return Handle(kind, parts[3])
-            if kind is Kind.SNAPSHOT and len(parts) == 4:
+            if kind in _PER_SOURCE and len(parts) == 4:
                 return Handle(kind, parts[3], parts[2])
             if kind in (Kind.KEY, Kind.INDEX, Kind.PRUNE) and len(parts) == 3:
                 return Handle(kind, parts[2])
