@@ -121,7 +121,8 @@ def _config_body(tenant: str, repo_id: bytes, params: RepoParams) -> dict[str, A
     }
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def canonical_config(body: dict[str, Any]) -> bytes:
+    """The bytes of a repository config (without its "mac") that its MAC covers."""
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -147,7 +148,7 @@ async def init_repository(
         repo_id = os.urandom(16)
         keys = Keys(params.suite, repo_id, master)
         body = _config_body(tenant, repo_id, params)
-        body["mac"] = keys.config_mac(_canonical(body))
+        body["mac"] = keys.config_mac(canonical_config(body))
         slot_id = new_id()[:32]
         slots = [crypto.make_key_slot(params.suite, slot_id, master, kind, secret, scrypt)]
     else:
@@ -207,7 +208,7 @@ async def unlock_repository(
     params = RepoParams.from_json(body)
     keys = Keys(params.suite, bytes.fromhex(body["id"]), master)
     unsigned = {k: v for k, v in body.items() if k != "mac"}
-    if keys.config_mac(_canonical(unsigned)) != body.get("mac"):
+    if keys.config_mac(canonical_config(unsigned)) != body.get("mac"):
         raise IntegrityError(
             "the repository config was modified (MAC mismatch)", site=store.name, tenant=tenant
         )
@@ -483,4 +484,12 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-__all__ = ["BlobLocation", "CryptoError", "RepoParams", "Repository", "init_repository", "new_id"]
+__all__ = [
+    "BlobLocation",
+    "CryptoError",
+    "RepoParams",
+    "Repository",
+    "canonical_config",
+    "init_repository",
+    "new_id",
+]
