@@ -151,6 +151,12 @@ class Metrics:
             registry=r,
         )
 
+        self._watching = Gauge(
+            "drsvc_source_watching",
+            "1 when inotify watches the tree source, 0 when it fell back to scanning (see the logs)",
+            ("tenant", "source"),
+            registry=r,
+        )
         self._prune_last = Gauge(
             "drsvc_prune_last_run_timestamp_seconds",
             "Unix time the tenant's last prune run finished",
@@ -223,7 +229,13 @@ class Metrics:
         key = (tenant, source)
         self._sources.discard(key)
         self._protected_until.pop(key, None)
-        for family in (self._rpo, self._last_snapshot, self._last_protected, self._snapshot_duration):
+        for family in (
+            self._rpo,
+            self._last_snapshot,
+            self._last_protected,
+            self._snapshot_duration,
+            self._watching,
+        ):
             with contextlib.suppress(KeyError):
                 family.remove(tenant, source)
         for outcome in OUTCOMES:
@@ -298,6 +310,9 @@ class Metrics:
         """A scrub of the tenant finished at ``finished_s`` with this many objects no site holds intact."""
         self._scrub_last.labels(tenant).set(finished_s)
         self._scrub_unrecoverable.labels(tenant).set(unrecoverable)
+
+    def source_watching(self, tenant: str, source: str, watching: bool) -> None:
+        self._watching.labels(tenant, source).set(1 if watching else 0)
 
     # -- prune and failures of maintenance ------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.metered import Observer
 from drsvc.metrics import Metrics, Op, Outcome
 from drsvc.prune import prune_tenant
+from drsvc.watch import TreeWatcher
 from replicator import Shipper
 
 log = logging.getLogger("drsvc.supervisor")
@@ -46,6 +47,9 @@ IDLE_POLL = 5.0
 FAILED_RETRY = 300.0
 RETENTION_EVERY = 3600.0  # sources with a retention policy: apply it at most this often
 MAINTENANCE_POLL = 30.0  # how often the maintenance task looks whether a prune or scrub is due
+DEBOUNCE = 0.5  # watched trees: snapshot once changes have been quiet this long ...
+WATCH_MAX_DELAY = 3.0  # ... or this long after the first change, whichever comes first
+WATCH_FALLBACK = 60.0  # a watched tree that inotify cannot cover is scanned this often
 
 
 @dataclass
@@ -67,6 +71,10 @@ class SourceState:
     running: bool = False
     not_before: float = 0.0  # after a failed snapshot: no new attempt before this
     last_retention: float = 0.0
+    # watched tree sources: the first and the latest change not yet covered by a snapshot (0: none)
+    changed_first: float = 0.0
+    changed_last: float = 0.0
+    watch_failed: str | None = None  # why inotify could not cover the tree: it is scanned instead
 
 
 class SiteLoop:
@@ -177,6 +185,8 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._site_tasks: list[asyncio.Task[None]] = []
         self._maintenance: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a watcher saw a change: the scheduler looks again
+        self._watchers: list[TreeWatcher] = []
 
     # -- requests to the sites (MeteredStore under each site's retries) ------------------------------
     def observe(self, site: str, op: str, seconds: float, error: str | None) -> None:
@@ -206,10 +216,31 @@ class Supervisor:
         return [
             n
             for n, st in self.sources.items()
-            if not st.running
-            and now >= st.not_before
-            and now >= self.app.config.sources[n].next_due(st.last_snapshot)
+            if not st.running and now >= st.not_before and now >= self.next_due(n, st)
         ]
+
+    def next_due(self, name: str, st: SourceState) -> float:
+        """When the source's next snapshot is due: its schedule, or for a watched tree a change settled
+        (DEBOUNCE quiet, at most WATCH_MAX_DELAY after the first change), or WATCH_FALLBACK scanning when
+        inotify cannot cover it."""
+        sc = self.app.config.sources[name]
+        due = sc.next_due(st.last_snapshot)
+        if sc.watch:
+            if st.watch_failed is not None:
+                due = min(due, st.last_snapshot + WATCH_FALLBACK)
+            if st.changed_last:
+                due = min(due, st.changed_last + DEBOUNCE, st.changed_first + WATCH_MAX_DELAY)
+        return due
+
+    def changed(self, source: str) -> None:
+        """A watcher saw a change under the source (called on the event loop)."""
+        st = self.sources.get(source)
+        if st is None:
+            return
+        now = self.clock()
+        st.changed_first = st.changed_first or now
+        st.changed_last = now
+        self._wake.set()
 
     def spool_full(self) -> bool:
         """From the use measured by the last tick (no SQLite on the event loop)."""
@@ -222,6 +253,7 @@ class Supervisor:
         async with self._snapshot_lock:
             st.running = True
             began = time.monotonic()
+            started = self.clock()  # changes seen before this are in the snapshot; later ones are not
             try:
                 result = await self.app.snapshot_to_spool(source)
             except Exception as exc:  # one source failing never stops the daemon; the next interval retries
@@ -238,6 +270,10 @@ class Supervisor:
                 st.running = False
         rec = result.record
         st.last_snapshot, st.last_error = rec.time_ns / 1e9, None
+        if st.changed_last and st.changed_last < started:
+            st.changed_first = st.changed_last = 0.0
+        elif st.changed_last:
+            st.changed_first = started
         outcome: Outcome = "partial" if rec.partial else "ok"
         self.metrics.source_snapshot(st.tenant, source, outcome, time.monotonic() - began, rec.time_ns / 1e9)
         self.tracked.append(
@@ -397,8 +433,21 @@ class Supervisor:
         await self.apply_retention(self.clock())
 
     # -- the long-running shape -------------------------------------------------------------------
+    async def start_watchers(self) -> None:
+        for name, sc in self.app.config.sources.items():
+            if not sc.watch:
+                continue
+            w = TreeWatcher(
+                sc.path, functools.partial(self.changed, name), sc.is_excluded, sc.one_file_system
+            )
+            self._watchers.append(w)
+            if not await w.start():
+                self.sources[name].watch_failed = w.failed
+            self.metrics.source_watching(self.sources[name].tenant, name, w.failed is None)
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await self.start_watchers()
         self._site_tasks = [
             asyncio.create_task(loop.run(self._stop), name=f"site:{n}") for n, loop in self.sites.items()
         ]
@@ -428,16 +477,19 @@ class Supervisor:
                 log.exception("scheduler pass failed")
                 await asyncio.sleep(IDLE_POLL)
             nxt = min(
-                (
-                    max(self.app.config.sources[n].next_due(st.last_snapshot), st.not_before) - self.clock()
-                    for n, st in self.sources.items()
-                ),
+                (max(self.next_due(n, st), st.not_before) - self.clock() for n, st in self.sources.items()),
                 default=IDLE_POLL,
             )
-            try:
-                await asyncio.wait_for(self._intake.wait(), max(0.05, min(nxt, IDLE_POLL)))
-            except TimeoutError:
-                pass
+            self._wake.clear()
+            intake, wake = (
+                asyncio.ensure_future(self._intake.wait()),
+                asyncio.ensure_future(self._wake.wait()),
+            )
+            await asyncio.wait(
+                {intake, wake}, timeout=max(0.05, min(nxt, IDLE_POLL)), return_when="FIRST_COMPLETED"
+            )
+            for f in (intake, wake):
+                f.cancel()
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
@@ -453,6 +505,8 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """Stop intake, drain in-flight uploads within `grace` seconds, cancel the rest, persist state."""
         self._intake.set()
+        for w in self._watchers:
+            w.close()
         if self._maintenance is not None:  # prune and scrub are safe to interrupt: stop them now
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
