@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from drsvc.app import App
 from drsvc.core import crypto
 from drsvc.core.crypto import ScryptParams
-from drsvc.core.errors import CryptoError, DRError, RepositoryError
+from drsvc.core.errors import CryptoError, DRError, ObjectLocked, RepositoryError
 from drsvc.core.layout import Handle, Kind, Layout
 from drsvc.core.repository import new_id, read_config, unlock_repository
 from drsvc.core.stores import ObjectStore
@@ -138,11 +138,26 @@ class KeyManager:
             )
         slots = await self._slots()
         n = 0
+        locked: dict[str, str] = {}  # site -> the latest retain-until date among its locked slots
         for sid, (_slot, sites) in slots.items():
             for store in self.stores:
                 if store.name in sites:
-                    await store.delete(self.layout.key(Handle(Kind.KEY, sid)))
+                    try:
+                        await store.delete(self.layout.key(Handle(Kind.KEY, sid)))
+                    except ObjectLocked as exc:  # shred everywhere else first, then say what is left
+                        locked[store.name] = max(locked.get(store.name, ""), exc.until or "")
+                        continue
                     n += 1
+        if locked:
+            where = ", ".join(
+                f"{site} until {until or 'an unknown date'}" for site, until in sorted(locked.items())
+            )
+            raise KeySlotError(
+                f"crypto-shredding is incomplete: object lock keeps key slots at {where}; the data stays "
+                "readable there with the tenant's key material until then",
+                tenant=self.tenant,
+                hint="run `drsvc keys shred` again after that date; the other sites are shredded already",
+            )
         for store in self.stores:  # prove it: nothing left to open
             _body, left = await read_config(store, self.tenant)
             if left:

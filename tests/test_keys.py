@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from helpers import PASSPHRASE, init_app, local_sites, make_config, tree_state
 
 from drsvc.app import App
 from drsvc.core.crypto import ScryptParams
-from drsvc.core.errors import WrongKeyError
+from drsvc.core.errors import ObjectLocked, WrongKeyError
+from drsvc.core.stores.faults import Fault, FaultyStore
 from drsvc.keys import KeyManager, KeySlotError, generate_keyfile
 
 FAST = ScryptParams(n=2**10)
@@ -118,5 +120,28 @@ async def test_key_changes_need_every_site(tmp_path: Path) -> None:
             await KeyManager(app, "fin").add("passphrase", b"another", FAST)
         slots_at_a = list((tmp_path / "sites" / "a" / "fin" / "keys").iterdir())
         assert len(slots_at_a) == 1  # nothing was written anywhere
+    finally:
+        await app.close()
+
+
+async def test_shred_on_a_locked_site_shreds_the_others_and_says_what_is_left(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a", "b"])))
+    try:
+        healthy = app.store("b")
+        until = "2099-01-01T00:00:00+00:00"
+        locked = ObjectLocked("object is locked", site="b", key="?", until=until)
+        app._stores["b"] = FaultyStore(
+            healthy, [Fault("delete", key_contains="/keys/", error=locked, times=-1)]
+        )
+        km = KeyManager(app, "fin")
+        with pytest.raises(KeySlotError, match=re.escape(f"b until {until}")) as exc:
+            await km.shred("fin")
+        assert "again after that date" in (exc.value.hint or "")
+        assert not list((tmp_path / "sites" / "a" / "fin" / "keys").iterdir())  # a is shredded
+        assert list((tmp_path / "sites" / "b" / "fin" / "keys").iterdir())  # b keeps its slot, for now
+        app._stores["b"] = healthy  # the retention has ended
+        assert await KeyManager(app, "fin").shred("fin") == 1
     finally:
         await app.close()
