@@ -242,6 +242,7 @@ class Repository:
         self._gone: set[str] = set()  # packs found deleted (by a prune) after the index was read
         self._relocating = asyncio.Lock()
         self._late: list[PackIndex] = []  # indexes read while relocating
+        self._ciphers: dict[bytes, PackCipher] = {}  # pack salt -> cipher; threads share it (atomic dict ops)
 
     @classmethod
     async def open(
@@ -400,10 +401,19 @@ class Repository:
     def decode_index(self, name: str, data: bytes) -> list[PackIndex]:
         return format.decode_index(crypto.open_object(self.keys, ObjectType.INDEX, name, data), name)
 
+    def pack_cipher(self, salt: bytes) -> PackCipher:
+        """The cipher of the pack with this salt: its key is derived (HKDF) once, not once per blob."""
+        cipher = self._ciphers.get(salt)
+        if cipher is None:
+            if len(self._ciphers) >= 1024:  # a restore reads few packs at a time: a small cache will do
+                self._ciphers.clear()
+            cipher = self._ciphers[salt] = PackCipher(self.keys, salt)
+        return cipher
+
     def open_blob(self, loc: BlobLocation, sealed: bytes | memoryview, blob_id: bytes) -> bytes:
         """Verify and decode one sealed blob: AEAD tag, codec, length, then the keyed content id."""
         where = f"data/{loc.pack}"
-        payload = PackCipher(self.keys, loc.salt).open_blob(loc.entry.btype, blob_id, sealed, where)
+        payload = self.pack_cipher(loc.salt).open_blob(loc.entry.btype, blob_id, sealed, where)
         data = format.decode_payload(payload, loc.entry.raw_length, dctx(), where)
         if self.content_id(data) != blob_id:
             raise IntegrityError("blob content does not match its id", object=where, blob=blob_id.hex())
