@@ -191,6 +191,20 @@ class _Used:
         return np.asarray(self.ids[pos] == ids)
 
 
+def due_now(condemned: dict[str, int], grace: float, now_ns: int) -> dict[str, int]:
+    """The condemned packs whose grace period has passed. In integers: ``t + 0.0`` as a float rounds a
+    nanosecond time to a multiple of 256 ns, upwards half the time, and ``--grace 0`` would then wait."""
+    wait = int(grace * NS)
+    return {n: t for n, t in condemned.items() if t + wait <= now_ns}
+
+
+def id_set(ids: npt.NDArray[Any]) -> frozenset[bytes]:
+    """The ids of an array as Python bytes, each exactly ID bytes long. Not ``bytes(x)`` per element: numpy
+    drops the trailing zero bytes of an ``S16`` element, so an id ending in 0x00 would never match."""
+    raw = np.ascontiguousarray(ids).tobytes()
+    return frozenset(raw[i : i + ID] for i in range(0, len(raw), ID))
+
+
 def _tree_refs(
     repo: Repository, spans: list[tuple[bytes, BlobLocation]], base: int, data: bytes
 ) -> list[tuple[bytes, list[bytes], bytes]]:
@@ -469,7 +483,7 @@ class _Run:
         writer = PackWriter(self.repo.keys, new_id())
         for no in members:
             p = self.packs[no]
-            wanted = frozenset(bytes(x) for x in self.blobs.ids[(self.blobs.pack == no) & in_used])
+            wanted = id_set(self.blobs.ids[(self.blobs.pack == no) & in_used])
             blobs = await self.repo.fetch(
                 Handle(Kind.PACK, p.name),
                 functools.partial(_used_blobs, self.repo, p.name, wanted=wanted),
@@ -667,7 +681,7 @@ async def prune_tenant(
         report.repacked = [run.packs[no].name for no in to_repack]
 
     # sweep what has waited long enough
-    due = {n: t for n, t in condemned.items() if t + grace * NS <= now_ns}
+    due = due_now(condemned, grace, now_ns)
     if due and pending_records and grace > 0:
         report.notes.append(
             "this host's outbox still holds snapshot records of the tenant: deletion waits for the next run"

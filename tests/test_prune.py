@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import WeedServer
 from helpers import FAST_SCRYPT, init_app, local_sites, make_config, tree_state
@@ -23,7 +24,7 @@ from drsvc.core.errors import ObjectLocked, TransientStoreError
 from drsvc.core.layout import Kind
 from drsvc.core.repository import Repository
 from drsvc.core.stores.faults import Fault, FaultyStore
-from drsvc.prune import prune_tenant
+from drsvc.prune import NS, due_now, id_set, prune_tenant
 
 TENANT = {"pack_size": "256KiB"}  # small packs: a few files each, so forgetting leaves some partly used
 
@@ -398,3 +399,43 @@ def test_the_prune_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["-c", str(cfg), "prune", "--grace", "soon"]) == EXIT_USAGE
     assert "--grace" in capsys.readouterr().err
     assert main(["-c", str(cfg), "prune", "--tenant", "nobody"]) == EXIT_USAGE
+
+
+def test_ids_ending_in_zero_bytes_survive_the_conversion_from_numpy() -> None:
+    ids = [bytes(15) + b"\x00", b"\x01" * 15 + b"\x00", b"\x00\x01" + bytes(14), os.urandom(16)]
+    arr = np.frombuffer(b"".join(ids), dtype="S16")
+    assert id_set(arr) == frozenset(ids)
+    assert {bytes(x) for x in arr} != set(ids)  # what numpy's own conversion does: trailing zeros dropped
+
+
+def test_a_zero_grace_period_is_due_at_once_whatever_the_float_rounding() -> None:
+    t = 2**60 + 255  # float(t) rounds up to 2**60 + 256
+    assert float(t) + 0.0 > t
+    assert due_now({"p": t}, 0.0, t) == {"p": t}
+    assert due_now({"p": t}, 1.0, t + NS - 1) == {}
+    assert due_now({"p": t}, 1.0, t + NS) == {"p": t}
+
+
+async def test_repack_of_thousands_of_small_blobs_keeps_every_used_one(tmp_path: Path) -> None:
+    """Thousands of blobs, so that ids of every byte pattern (a 16th byte of 0x00 among them) are repacked."""
+    src = tmp_path / "src"
+    src.mkdir()
+    tenant = {"pack_size": "64KiB", "chunker": {"min_size": 64, "avg_size": 256, "max_size": 1024}}
+    cfg = make_config(
+        tmp_path, src, local_sites(tmp_path, ["a"]), tenant=tenant, source={"retention": {"keep_last": 1}}
+    )
+    app = await init_app(cfg)
+    try:
+        write_files(src, [f"f{i:03}" for i in range(800)], seed=5, size=3000)  # a pack holds ~20 files
+        await app.snapshot("docs")
+        for i in range(0, 800, 2):  # every pack is left half used
+            (src / f"f{i:03}").unlink()
+        o = await app.snapshot("docs")
+        await app.forget("docs")
+        r = await prune_tenant(app, "fin", grace=0, repack_waste=0.05)
+        assert r.repack_blobs > 2000 and r.deleted
+        await assert_clean(app, ["a"])
+        res = await app.restore("docs", tmp_path / "r", None)
+        assert res.snapshot.id == o.result.record.id and tree_state(tmp_path / "r") == tree_state(src)
+    finally:
+        await app.close()
