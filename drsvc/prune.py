@@ -215,19 +215,21 @@ def _tree_refs(
     for tid, loc in spans:
         start = loc.entry.offset - base
         raw = repo.open_blob(loc, mv[start : start + loc.entry.length], tid)
-        nodes = format.decode_tree(raw, f"tree {tid.hex()}")
-        subtrees = [n.subtree for n in nodes if n.kind == format.DIR]
-        joined = b"".join(c[:ID] for n in nodes for c in n.content) + b"".join(s[:ID] for s in subtrees)
+        subtrees, chunks = format.tree_refs(raw, f"tree {tid.hex()}")
+        joined = b"".join(c[:ID] for c in chunks) + b"".join(s[:ID] for s in subtrees)
         out.append((tid, subtrees, joined))
     return out
 
 
 def _decode_index(repo: Repository, name: str, data: bytes) -> _IndexPart:
     part = _IndexPart(name, [])
-    for p in repo.decode_index(name, data):
-        ids = b"".join(e.blob_id[:ID] for e in p.blobs)
-        trees = [(e.blob_id, e) for e in p.blobs if e.btype is BlobType.TREE]
-        part.packs.append((p.pack, p.salt, ids, [e.length for e in p.blobs], trees))
+    plain = crypto.open_object(repo.keys, ObjectType.INDEX, name, data)
+    for pack, salt, wire in format.index_wire(plain, name):
+        ids = b"".join(w[1][:ID] for w in wire)
+        trees = [
+            (w[1], BlobEntry(BlobType.TREE, w[1], w[2], w[3], w[4])) for w in wire if w[0] == BlobType.TREE
+        ]
+        part.packs.append((pack, salt, ids, [w[3] for w in wire], trees))
     return part
 
 
@@ -454,6 +456,8 @@ class _Run:
 
     def still_needed(self, in_used: npt.NDArray[np.bool_], condemned: set[int]) -> set[int]:
         """Condemned packs holding a used blob that no other (kept) pack holds."""
+        if not condemned:
+            return set()
         b = self.blobs
         cmask = np.zeros(len(self.packs), dtype=bool)
         cmask[list(condemned)] = True
@@ -480,7 +484,7 @@ class _Run:
         written: set[bytes],
     ) -> None:
         new_packs: list[PackIndex] = []
-        writer = PackWriter(self.repo.keys, new_id())
+        writers = [PackWriter(self.repo.keys, new_id())]
         for no in members:
             p = self.packs[no]
             wanted = id_set(self.blobs.ids[(self.blobs.pack == no) & in_used])
@@ -489,21 +493,37 @@ class _Run:
                 functools.partial(_used_blobs, self.repo, p.name, wanted=wanted),
                 stores=self._holders(p.sites),
             )
-            for btype, blob_id, payload, raw_length in blobs:
-                if blob_id in written:
-                    continue
-                written.add(blob_id)
-                await asyncio.to_thread(writer.add, btype, blob_id, payload, raw_length)
-                self.report.repack_blobs += 1
-                if writer.size >= self.repo.params.pack_size:
-                    new_packs.append(await self._put_pack(holders, writer))
-                    writer = PackWriter(self.repo.keys, new_id())
+            # one thread hop per pack, not per blob: sealing is quick, the hop is not
+            full = await asyncio.to_thread(self._append, writers, blobs, written)
+            for w in full:
+                new_packs.append(await self._put_pack(holders, w))
             self.report.repacked.append(p.name)
             self.progress(f"repacked {p.name[:16]}")
-        if writer.entries:
-            new_packs.append(await self._put_pack(holders, writer))
+        if writers[-1].entries:
+            new_packs.append(await self._put_pack(holders, writers[-1]))
         if new_packs:  # the index after its packs, as a writer does: an index at a site proves its packs
             await self._put_index(holders, new_packs)
+
+    def _append(
+        self,
+        writers: list[PackWriter],
+        blobs: list[tuple[BlobType, bytes, bytes, int]],
+        written: set[bytes],
+    ) -> list[PackWriter]:
+        """Seal `blobs` into the open pack (``writers[-1]``), opening new ones as packs fill; returns the
+        packs that filled up (blocking: runs in a thread)."""
+        full = []
+        for btype, blob_id, payload, raw_length in blobs:
+            if blob_id in written:
+                continue
+            written.add(blob_id)
+            writers[-1].add(btype, blob_id, payload, raw_length)
+            self.report.repack_blobs += 1
+            if writers[-1].size >= self.repo.params.pack_size:
+                full.append(writers[-1])
+                writers.append(PackWriter(self.repo.keys, new_id()))
+        del writers[:-1]
+        return full
 
     async def _put_pack(self, holders: list[ObjectStore], writer: PackWriter) -> PackIndex:
         data = await asyncio.to_thread(writer.finish)

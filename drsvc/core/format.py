@@ -199,6 +199,35 @@ def decode_index(data: bytes, where: str) -> list[PackIndex]:
         raise IntegrityError(f"malformed index: {exc}", object=where) from None
 
 
+def index_wire(data: bytes, where: str) -> list[tuple[str, bytes, list[list[Any]]]]:
+    """An index's packs with their entries as checked wire lists ``[type, id, offset, length, raw length]``,
+    without building a BlobEntry per blob (prune reads millions): the same checks as ``decode_index``."""
+    try:
+        obj = msgpack.unpackb(data)
+        if obj.get("v") != FORMAT:
+            raise ValueError(f"unsupported index version {obj.get('v')}")
+        out = []
+        for name, salt, blobs in obj["packs"]:
+            if not isinstance(name, str) or not isinstance(salt, bytes) or len(salt) != 16:
+                raise ValueError("bad pack entry")
+            for w in blobs:
+                t, bid, off, ln, raw = w
+                if (
+                    t not in (1, 2)
+                    or not isinstance(bid, bytes)
+                    or len(bid) != 32
+                    or not (isinstance(off, int) and isinstance(ln, int) and isinstance(raw, int))
+                    or off < 0
+                    or ln <= 0
+                    or raw < 0
+                ):
+                    raise ValueError("blob entry out of range")
+            out.append((name, salt, blobs))
+        return out
+    except _MALFORMED as exc:
+        raise IntegrityError(f"malformed index: {exc}", object=where) from None
+
+
 # ---- trees ------------------------------------------------------------------------------------------
 
 FILE, DIR, SYMLINK = "f", "d", "l"
@@ -278,6 +307,34 @@ def decode_tree(data: bytes, where: str) -> list[Node]:
         if obj.get("v") != FORMAT:
             raise ValueError(f"unsupported tree version {obj.get('v')}")
         return [Node.from_wire(w) for w in obj["nodes"]]
+    except _MALFORMED as exc:
+        raise IntegrityError(f"malformed tree: {exc}", object=where) from None
+
+
+def tree_refs(data: bytes, where: str) -> tuple[list[bytes], list[bytes]]:
+    """The subtree ids and the chunk ids a tree references, without building Nodes (prune walks millions of
+    them); kinds and id lengths are checked as ``decode_tree`` does."""
+    try:
+        obj = msgpack.unpackb(data)
+        if obj.get("v") != FORMAT:
+            raise ValueError(f"unsupported tree version {obj.get('v')}")
+        subtrees: list[bytes] = []
+        chunks: list[bytes] = []
+        for w in obj["nodes"]:
+            kind = w["k"]
+            if kind == DIR:
+                d = w["d"]
+                if not isinstance(d, bytes) or len(d) != 32:
+                    raise ValueError("subtree id must be 32 bytes")
+                subtrees.append(d)
+            elif kind == FILE:
+                x = w.get("x", ())
+                if any(not isinstance(c, bytes) or len(c) != 32 for c in x):
+                    raise ValueError("content ids must be 32 bytes")
+                chunks.extend(x)
+            elif kind != SYMLINK:
+                raise ValueError(f"unknown node kind {kind!r}")
+        return subtrees, chunks
     except _MALFORMED as exc:
         raise IntegrityError(f"malformed tree: {exc}", object=where) from None
 
