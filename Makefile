@@ -33,6 +33,7 @@ bench: $(STAMP)
 	  { apt-get update -qq && apt-get install -y -qq restic rclone; }
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.replication
+	$(BIN)/python -m benchmarks.prune
 
 clean:
 	rm -rf $(VENV) var
