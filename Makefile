@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.replication
 	$(BIN)/python -m benchmarks.prune
+	$(BIN)/python -m benchmarks.scrub
 
 clean:
 	rm -rf $(VENV) var
