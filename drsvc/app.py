@@ -38,6 +38,8 @@ from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.compose import open_site
 from drsvc.core.stores.metered import Observer
+from restore.logplan import restorable_range
+from restore.logreplay import LogRestoreResult, restore_log
 from snapshot import SnapshotResult, Stats
 
 
@@ -192,6 +194,14 @@ class App:
     ) -> SnapshotResult:
         """Take a snapshot into the spool only; the daemon's shippers move it to the sites."""
         sc = self.config.source(source)
+        if sc.type != "tree":
+            raise ConfigError(
+                f"source {source!r} is a {sc.type} source: it is not snapshotted like a tree",
+                key=f"sources.{source}.type",
+                hint="the daemon (drsvc run) streams a log source and takes its checkpoints"
+                if sc.type == "log"
+                else "a postgres source is backed up by base backups and archived WAL",
+            )
         repo = await self.open_repo(sc.tenant)
         stores = [self.store(n) for n in sc.sites]
         return await snapshot.take_snapshot(
@@ -224,6 +234,18 @@ class App:
             except Exception:  # an unreachable site holds nothing we can show
                 continue
         return records, holders
+
+    async def restorable_range(self, source: str, site: str | None = None) -> tuple[int, int] | None:
+        """The earliest and latest points (ns) `source` can be restored to, or None: for a tree source its
+        oldest and newest snapshots; for a log source its oldest checkpoint (or stream start) to its newest
+        change-log event."""
+        sc = self.config.source(source)
+        repo = await self.open_repo(sc.tenant, site)
+        if sc.type == "log":
+            r = await restorable_range(repo, source)
+            return None if r is None else (r.earliest_ns, r.latest_ns)
+        records = await repo.snapshots(source)
+        return (records[0].time_ns, records[-1].time_ns) if records else None
 
     async def forget(self, source: str, dry_run: bool = False) -> ForgetOutcome:
         """Apply the source's retention policy: delete each forgotten snapshot record at each site holding it.
@@ -289,7 +311,9 @@ class App:
         at_ns: int | None,
         site: str | None = None,
         progress: Callable[[restore.Progress], None] | None = None,
-    ) -> restore.RestoreResult:
+    ) -> restore.RestoreResult | LogRestoreResult:
+        """Restore `source` as it was at `at_ns` (None: latest): a tree source from its newest snapshot at or
+        before that time; a log source from its newest checkpoint plus the change-log segments up to it."""
         sc = self.config.source(source)
         if site is not None and site not in sc.sites:
             raise ConfigError(
@@ -298,6 +322,8 @@ class App:
         repo = await self.open_repo(sc.tenant, site)
         if site is not None:
             repo.stores = [self.store(site), *[self.store(n) for n in sc.sites if n != site]]
+        if sc.type == "log":
+            return await restore_log(repo, source, target, at_ns)
         return await restore.restore_tree(repo, source, target, at_ns, progress)
 
     async def repo_config(self, tenant: str, site: str) -> dict[str, object]:

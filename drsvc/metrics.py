@@ -151,6 +151,19 @@ class Metrics:
             registry=r,
         )
 
+        self._log_lag = Gauge(
+            "drsvc_log_lag_seconds",
+            "Log sources: newest change spooled minus newest change protected on min_copies sites",
+            ("tenant", "source"),
+            registry=r,
+        )
+        self._log_segment_bytes = Histogram(
+            "drsvc_log_segment_bytes",
+            "Log sources: sealed size of each change-log segment",
+            ("tenant", "source"),
+            buckets=(1024, 16 * 1024, 256 * 1024, 1024**2, 4 * 1024**2, 16 * 1024**2, 64 * 1024**2),
+            registry=r,
+        )
         self._watching = Gauge(
             "drsvc_source_watching",
             "1 when inotify watches the tree source, 0 when it fell back to scanning (see the logs)",
@@ -310,6 +323,12 @@ class Metrics:
         """A scrub of the tenant finished at ``finished_s`` with this many objects no site holds intact."""
         self._scrub_last.labels(tenant).set(finished_s)
         self._scrub_unrecoverable.labels(tenant).set(unrecoverable)
+
+    def log_lag(self, tenant: str, source: str, seconds: float) -> None:
+        self._log_lag.labels(tenant, source).set(seconds)
+
+    def log_segment(self, tenant: str, source: str, nbytes: int) -> None:
+        self._log_segment_bytes.labels(tenant, source).observe(nbytes)
 
     def source_watching(self, tenant: str, source: str, watching: bool) -> None:
         self._watching.labels(tenant, source).set(1 if watching else 0)

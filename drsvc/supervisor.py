@@ -23,6 +23,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ import replicator
 from drsvc import scrub
 from drsvc.app import App
 from drsvc.core.errors import DRError
+from drsvc.core.layout import Kind
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.metered import Observer
 from drsvc.metrics import Metrics, Op, Outcome
 from drsvc.prune import prune_tenant
 from drsvc.watch import TreeWatcher
 from replicator import Shipper
+from snapshot.logtail import LogStreamer, SpooledSegment
 
 log = logging.getLogger("drsvc.supervisor")
 
@@ -187,6 +190,10 @@ class Supervisor:
         self._maintenance: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # a watcher saw a change: the scheduler looks again
         self._watchers: list[TreeWatcher] = []
+        self.streamers: dict[str, LogStreamer] = {}  # log sources: the tailer of each
+        self._stream_tasks: list[asyncio.Task[None]] = []
+        self._stop_streams = asyncio.Event()
+        self._newest_change: dict[str, float] = {}  # log sources: the newest change spooled (wall seconds)
 
     # -- requests to the sites (MeteredStore under each site's retries) ------------------------------
     def observe(self, site: str, op: str, seconds: float, error: str | None) -> None:
@@ -224,6 +231,8 @@ class Supervisor:
         (DEBOUNCE quiet, at most WATCH_MAX_DELAY after the first change), or WATCH_FALLBACK scanning when
         inotify cannot cover it."""
         sc = self.app.config.sources[name]
+        if sc.type == "log":
+            return math.inf  # streamed by its LogStreamer, which also takes its checkpoints
         due = sc.next_due(st.last_snapshot)
         if sc.watch:
             if st.watch_failed is not None:
@@ -300,25 +309,34 @@ class Supervisor:
         """Protection, metrics, status line, watchdog progress."""
         cfg = self.app.config
         spool = self.app.spool
+        caught_up = {name: s.caught_up_ns / 1e9 for name, s in self.streamers.items()}  # read first
         still: list[Tracked] = []
-        for t in self.tracked:
-            sc = cfg.sources[t.source]
+        waiting: set[str] = set()  # sources with an unprotected entry: later ones wait behind it
+        for t in list(self.tracked):
+            sc = cfg.sources.get(t.source)
+            if sc is None:
+                continue
+            if t.source in waiting:
+                still.append(t)
+                continue
             p = await asyncio.to_thread(
                 replicator.protection, spool, t.key, sc.sites, sc.min_copies, t.sites or sc.sites
             )
             if not p.protected:
                 still.append(t)
+                waiting.add(t.source)
                 continue
-            st = self.sources[t.source]
-            if t.time_ns / 1e9 > st.protected_until:
-                st.protected_until = t.time_ns / 1e9
-                self.metrics.source_protected(st.tenant, t.source, st.protected_until)
-                await asyncio.to_thread(
-                    spool.outbox.set_meta, f"protected_until:{t.source}", repr(st.protected_until)
-                )
+            await self._protected(t.source, t.time_ns / 1e9)
+        for name, until in caught_up.items():  # an idle log: protected up to now, once all is shipped
+            if name not in waiting and until and not await asyncio.to_thread(self._segments_pending, name):
+                await self._protected(name, until)
         if len(still) != len(self.tracked):
             self.tracked = still
             await asyncio.to_thread(self._save_tracked)
+        for name in self.streamers:
+            st = self.sources[name]
+            newest = self._newest_change.get(name, 0.0)
+            self.metrics.log_lag(st.tenant, name, max(0.0, newest - st.protected_until) if newest else 0.0)
         now = self.clock()
         self.metrics.update_rpo(now)
         for name in self.sites:
@@ -328,12 +346,60 @@ class Supervisor:
         self.metrics.spool(self.spool_used, cfg.state.spool_quota)
         if self.on_status:
             self.on_status(self.status_line(now) + ("; SPOOL FULL, intake paused" if self.paused else ""))
-        tasks = self._tasks + self._site_tasks + ([self._maintenance] if self._maintenance else [])
+        tasks = self._tasks + self._site_tasks + self._stream_tasks
+        tasks += [self._maintenance] if self._maintenance else []
         dead = [t.get_name() for t in tasks if t.done()]
         if dead and not self._intake.is_set():  # a loop died: stop proving liveness, so systemd restarts us
             log.error("supervisor task ended unexpectedly; watchdog pings stop", extra={"tasks": dead})
         elif self.on_progress:
             self.on_progress()
+
+    async def _protected(self, source: str, until: float) -> None:
+        """Every change of `source` up to `until` (wall seconds) is at min_copies sites."""
+        st = self.sources[source]
+        if until > st.protected_until:
+            st.protected_until = until
+            self.metrics.source_protected(st.tenant, source, until)
+            await asyncio.to_thread(self.app.spool.outbox.set_meta, f"protected_until:{source}", repr(until))
+
+    def _segments_pending(self, source: str) -> bool:
+        """Whether this host's outbox still holds change-log segments of `source` for some site."""
+        s = self.streamers[source]
+        return bool(self.app.spool.outbox.keys(s.repo.tenant, s.repo.layout.prefix(Kind.SEGMENT, s.tag)))
+
+    def _segment_spooled(self, seg: SpooledSegment) -> None:
+        """From a LogStreamer's cutting thread: track the segment until min_copies sites hold it."""
+        self._loop.call_soon_threadsafe(self._track_segment, seg)
+
+    def _track_segment(self, seg: SpooledSegment) -> None:
+        sc = self.app.config.sources.get(seg.source)
+        if sc is None:
+            return
+        self.tracked.append(Tracked(seg.source, seg.key, seg.last_ns, tuple(sc.sites)))
+        self._newest_change[seg.source] = max(self._newest_change.get(seg.source, 0.0), seg.last_ns / 1e9)
+        self.metrics.log_segment(self.sources[seg.source].tenant, seg.source, seg.size)
+
+    async def start_streamers(self) -> None:
+        """One LogStreamer per log source, each in a task of its own until ``stop``."""
+        for name, sc in self.app.config.sources.items():
+            if sc.type != "log":
+                continue
+            repo = await self.app.open_repo(sc.tenant)
+            streamer = LogStreamer(
+                name,
+                sc,
+                repo,
+                self.app.spool,
+                self.app.config.state.dir,
+                on_segment=self._segment_spooled,
+                executor=self.app.pool,
+                checkpoint_stores=[self.app.store(n) for n in sc.sites],
+                cache_dir=self.app.cache_dir,
+            )
+            self.streamers[name] = streamer
+            self._stream_tasks.append(
+                asyncio.create_task(streamer.run(self._stop_streams), name=f"log:{name}")
+            )
 
     def status_line(self, now: float) -> str:
         up = sum(1 for s in self.sites.values() if s.up)
@@ -448,6 +514,7 @@ class Supervisor:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.start_watchers()
+        await self.start_streamers()
         self._site_tasks = [
             asyncio.create_task(loop.run(self._stop), name=f"site:{n}") for n, loop in self.sites.items()
         ]
@@ -507,6 +574,14 @@ class Supervisor:
         self._intake.set()
         for w in self._watchers:
             w.close()
+        self._stop_streams.set()  # each streamer cuts once more: what was written before the stop is spooled
+        if self._stream_tasks:
+            _done, late = await asyncio.wait(self._stream_tasks, timeout=max(1.0, grace / 2))
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*self._stream_tasks, return_exceptions=True)
+        for streamer in self.streamers.values():
+            streamer.close()
         if self._maintenance is not None:  # prune and scrub are safe to interrupt: stop them now
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)

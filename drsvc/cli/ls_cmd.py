@@ -1,4 +1,4 @@
-"""drsvc ls SOURCE: the source's snapshots, their sizes and which sites hold them."""
+"""drsvc ls SOURCE: the source's restorable range, its snapshots, their sizes and which sites hold them."""
 
 from __future__ import annotations
 
@@ -22,25 +22,31 @@ async def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     async with App(config) as app:
         records, holders = await app.snapshots(args.source, args.site)
+        span = await app.restorable_range(args.source, args.site)
     sites = config.source(args.source).sites
     if args.json:
         emit_json(
-            [
-                {
-                    "id": r.id,
-                    "time": when(r.time_ns),
-                    "files": r.stats.get("files", 0),
-                    "bytes": r.stats.get("bytes_total", 0),
-                    "stored": r.stats.get("bytes_stored", 0),
-                    "partial": r.partial,
-                    "sites": sorted(holders.get(r.id, ())),
-                }
-                for r in records
-            ]
+            {
+                "restorable": {"earliest": when(span[0]), "latest": when(span[1])} if span else None,
+                "snapshots": [
+                    {
+                        "id": r.id,
+                        "time": when(r.time_ns),
+                        "files": r.stats.get("files", 0),
+                        "bytes": r.stats.get("bytes_total", 0),
+                        "stored": r.stats.get("bytes_stored", 0),
+                        "partial": r.partial,
+                        "sites": sorted(holders.get(r.id, ())),
+                    }
+                    for r in records
+                ],
+            }
         )
         return 0
-    if records:
-        out(f"restorable range: {when(records[0].time_ns)} .. {when(records[-1].time_ns)}")
+    if span:
+        out(f"restorable range: {when(span[0])} .. {when(span[1])}")
+    if config.source(args.source).type == "log":
+        out("snapshots of a log source are its checkpoints; change-log segments fill the time between them")
     out(f"{'ID':16}  {'TIME':25}  {'FILES':>7}  {'SIZE':>10}  {'ADDED':>10}  SITES")
     for r in records:
         held = holders.get(r.id, set())

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from drsvc.app import App
+from drsvc.cli.main import EXIT_INTEGRITY
 from drsvc.cli.render import emit_json, err, out, parse_time, size, when
 from drsvc.core.config import load_config
 from drsvc.core.errors import ConfigError
+from restore.logreplay import LogRestoreResult
 
 
 def register(sub: Any) -> None:
@@ -29,6 +31,8 @@ async def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc), key="--at") from None
     async with App(load_config(args.config)) as app:
         r = await app.restore(args.source, args.to, at, args.site)
+    if isinstance(r, LogRestoreResult):
+        return _log_result(r, at, args.json)
     if args.json:
         emit_json(
             {
@@ -63,4 +67,46 @@ async def run(args: argparse.Namespace) -> int:
         f"  from site {r.site}; {len(r.fallbacks)} fallbacks; took {r.seconds:.2f}s "
         f"({size(r.bytes / max(r.seconds, 1e-9))}/s)"
     )
+    return 0
+
+
+def _log_result(r: LogRestoreResult, at: int | None, as_json: bool) -> int:
+    """A log source's restore: checkpoint plus segments. A gap in the change log restores what precedes it
+    and exits EXIT_INTEGRITY, naming what is missing."""
+    if as_json:
+        emit_json(
+            {
+                "source": r.source,
+                "kind": "log",
+                "recovery_point": when(r.recovery_point_ns),
+                "rpo_achieved_s": r.rpo_achieved_s,
+                "reached_latest": r.reached_latest,
+                "checkpoint": r.checkpoint,
+                "stream": r.stream,
+                "segments": r.segments,
+                "target": r.target,
+                "site": r.site,
+                "files": r.files,
+                "bytes": r.bytes,
+                "seconds": round(r.seconds, 3),
+                "gap": r.gap.describe() if r.gap else None,
+                "fallbacks": [f.__dict__ for f in r.fallbacks],
+                "warnings": r.warnings,
+            }
+        )
+        return EXIT_INTEGRITY if r.gap else 0
+    for f in r.fallbacks:
+        err(f"warning: site {f.site}: {f.key}: {f.error}; read from another site")
+    for w in r.warnings:
+        err(f"warning: {w}")
+    start = f"checkpoint {r.checkpoint[:16]}" if r.checkpoint else "the start of the stream"
+    out(f"restored {r.source} into {r.target}: {start} plus {r.segments} change-log segments")
+    out(f"  {r.files} files, {size(r.bytes)}, every segment and blob verified")
+    rpo = f" (requested {when(at)}, achieved RPO {r.rpo_achieved_s:.1f}s)" if at is not None else ""
+    latest = "; the latest protected point" if r.reached_latest else ""
+    out(f"  recovery point: {when(r.recovery_point_ns)}{rpo}{latest}")
+    out(f"  from site {r.site}; {len(r.fallbacks)} fallbacks; took {r.seconds:.2f}s")
+    if r.gap:
+        err(f"error: the change log has a gap: {r.gap.describe()}; restored up to just before it")
+        return EXIT_INTEGRITY
     return 0
