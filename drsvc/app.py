@@ -22,7 +22,7 @@ import snapshot
 from drsvc.core import retention
 from drsvc.core.config import Config
 from drsvc.core.crypto import ScryptParams, Suite
-from drsvc.core.errors import ConfigError, ObjectLocked, RepositoryNotFound, StoreError
+from drsvc.core.errors import ConfigError, DRError, ObjectLocked, RepositoryNotFound, StoreError
 from drsvc.core.format import SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import (
@@ -34,11 +34,12 @@ from drsvc.core.repository import (
     unlock_repository,
 )
 from drsvc.core.retention import ForgetOutcome
+from drsvc.core.segments import SegmentName
 from drsvc.core.spool import Spool
 from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.compose import open_site
 from drsvc.core.stores.metered import Observer
-from restore.logplan import restorable_range
+from restore.logplan import restorable_range, stream_of
 from restore.logreplay import LogRestoreResult, restore_log
 from snapshot import SnapshotResult, Stats
 
@@ -302,7 +303,47 @@ class App:
 
         if not dry_run:
             await asyncio.gather(*(delete_at(s) for s in sc.sites if s not in unreachable))
-        return ForgetOutcome(source, result, sc.sites, holders, deleted, unreachable, dry_run, locked)
+        outcome = ForgetOutcome(source, result, sc.sites, holders, deleted, unreachable, dry_run, locked)
+        if sc.type == "log" and result.forget:
+            await self._forget_segments(repo, source, [r for r, _ in result.keep], outcome)
+        return outcome
+
+    async def _forget_segments(
+        self, repo: Repository, source: str, kept: list[SnapshotRecord], outcome: ForgetOutcome
+    ) -> None:
+        """A log source's change-log segments go with the checkpoint their stream starts from: a segment whose
+        stream no kept checkpoint starts, and which is older than the newest kept checkpoint (so never the
+        stream being written, whose checkpoint may still be on its way), is deleted at every site."""
+        sc = self.config.source(source)
+        kept_streams = {stream_of(r) for r in kept if "log_stream" in r.stats}
+        newest = max((r.time_ns for r in kept if "log_stream" in r.stats), default=0)
+        tag = repo.keys.source_tag(source)
+        for site in sc.sites:
+            if site in outcome.unreachable:
+                continue
+            store = self.store(site)
+            try:
+                handles = await repo.list_handles(Kind.SEGMENT, tag, store=store)
+            except StoreError as exc:
+                outcome.unreachable[site] = exc.message
+                continue
+            for h in handles:
+                try:
+                    name = SegmentName.parse(h.name)
+                except DRError:
+                    continue  # not a segment name: scrub reports it
+                if name.stream in kept_streams or name.first_ns >= newest:
+                    continue
+                outcome.segments_forgotten += 1
+                if outcome.dry_run:
+                    continue
+                try:
+                    await store.delete(repo.layout.key(h))
+                except ObjectLocked:
+                    outcome.segments_locked += 1
+                except StoreError as exc:
+                    outcome.unreachable[site] = exc.message
+                    break
 
     async def restore(
         self,

@@ -549,3 +549,46 @@ async def test_random_operations_restore_exactly_at_every_point(tmp_path: Path, 
             assert content(out) == expected and r.gap is None, (seed, i)
     finally:
         await app.close()
+
+
+async def test_forget_takes_the_segments_of_forgotten_checkpoints_with_them(tmp_path: Path) -> None:
+    """Retention of a log source: forgetting a checkpoint deletes the segments of the stream it starts; the
+    kept checkpoints' points still restore, and the stream being written is never touched."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_bytes(b"start\n")
+    app = await init_app(
+        log_config(tmp_path, logs, local_sites(tmp_path, ["a", "b"]), retention={"keep_last": 2})
+    )
+    h = History(logs)
+    try:
+        s = await streamer(app, checkpoint_stores=[app.store("a"), app.store("b")], cache_dir=app.cache_dir)
+        streams = []
+        for round_ in range(4):  # four checkpoints, each followed by its stream's segments
+            cp = await s.checkpoint()
+            streams.append(cp.record)
+            for i in range(3):
+                with open(logs / "app.log", "ab") as f:
+                    f.write(f"round {round_} line {i}\n".encode())
+                await h.cut(s)
+        s.close()
+        await ship(app)
+        seg_dir = tmp_path / "sites" / "a" / "fin" / "logs"
+        before = {p.name for p in seg_dir.rglob("*") if p.is_file()}
+        o = await app.forget("docs")
+        assert [r.id for r in o.plan.forget] == [r.id for r in streams[:2]]
+        assert o.segments_forgotten == 2 * 3 * 2  # two streams of three segments, at two sites
+        for site in ("a", "b"):
+            left = {p.name for p in (tmp_path / "sites" / site / "fin" / "logs").rglob("*") if p.is_file()}
+            assert len(left) == len(before) - 6
+            assert {SegmentName.parse(n).stream for n in left} == {
+                f"{r.stats['log_stream'] % 2**64:016x}" for r in streams[2:]
+            }
+        for t, want in h.points[6:]:  # the points of the kept checkpoints' streams
+            out = tmp_path / f"r{t}"
+            r = await restore_at(app, out, t, "b")
+            assert content(out) == want and r.gap is None
+        again = await app.forget("docs")
+        assert again.segments_forgotten == 0
+    finally:
+        await app.close()

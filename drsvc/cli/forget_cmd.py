@@ -44,6 +44,8 @@ def _as_json(o: ForgetOutcome) -> dict[str, Any]:
         ],
         "unreachable": o.unreachable,
         "locked": o.locked,
+        "segments_forgotten": o.segments_forgotten,
+        "segments_locked": o.segments_locked,
         "complete": o.complete,
     }
 
@@ -68,6 +70,10 @@ async def run(args: argparse.Namespace) -> int:
             marks = " ".join(s if s in held else f"?{s}" if s in o.unreachable else f"-{s}" for s in o.sites)
             flag = "  PARTIAL" if r.partial else ""
             out(f"{action:6}  {r.id[:16]}  {when(r.time_ns):25}  {marks:{width}}  {why}{flag}".rstrip())
+        if o.segments_forgotten:
+            verb_s = "would go" if o.dry_run else "deleted"
+            n = o.segments_forgotten
+            out(f"change-log segments of forgotten checkpoints {verb_s}: {n} (copies, all sites)")
         if o.plan.forget and not o.dry_run:
             out("snapshot records deleted; the data they reference stays until `drsvc prune`")
     for rid, where in sorted(o.locked.items()):

@@ -184,6 +184,8 @@ class ForgetOutcome:
     unreachable: dict[str, str]  # site -> why it could not be listed or a deletion failed there
     dry_run: bool
     locked: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> site -> retained until (lock)
+    segments_forgotten: int = 0  # log sources: change-log segments of forgotten checkpoints (per site copy)
+    segments_locked: int = 0  # of those, copies object lock keeps for now
 
     @property
     def complete(self) -> bool:
