@@ -65,6 +65,8 @@ _IDS = np.dtype(f"S{ID}")
 SPAN_GAP = 1024 * 1024  # tree reads: join ranges of one pack closer than this ...
 SPAN_MAX = 8 * 1024 * 1024  # ... into reads of at most this
 NS = 1_000_000_000
+INDEXES_AT_ONCE = 2  # index objects decoded at once (each up to ~100,000 entries as Python lists)
+USED_BUFFER = 16 * 1024 * 1024  # used ids collected before they are merged into the sorted array
 STARTED = 0  # a marker's time for a pack whose deletion has begun (object lock kept a copy): due at once
 
 
@@ -173,7 +175,7 @@ class _Used:
     def add(self, joined: bytes) -> None:
         self._buf.append(joined)
         self._size += len(joined)
-        if self._size > 64 * 1024 * 1024:
+        if self._size > USED_BUFFER:
             self.compact()
 
     def compact(self) -> None:
@@ -379,7 +381,10 @@ class _Run:
                 for blob_id, entry in trees:
                     self.trees[blob_id] = BlobLocation(pack, salt, entry)
 
-        await gather_limited(8, [functools.partial(one, n) for n in sorted(self.listing.indexes)])
+        # an index object holds up to ~100,000 entries, decoded into lists: a few at a time bound the memory
+        await gather_limited(
+            INDEXES_AT_ONCE, [functools.partial(one, n) for n in sorted(self.listing.indexes)]
+        )
         for pack, sites in self.listing.packs.items():
             self.packs[self._pack(pack)].sites = sites
         self.blobs.freeze()
@@ -563,7 +568,7 @@ class _Run:
                 await self._put_index(holders, keep)
             self.report.indexes_rewritten += 1
 
-        await gather_limited(8, [functools.partial(rewrite, idx) for idx in sorted(affected)])
+        await gather_limited(INDEXES_AT_ONCE, [functools.partial(rewrite, idx) for idx in sorted(affected)])
         for idx in sorted(affected):
             for site in self.listing.indexes[idx]:
                 if not await self._delete(site, self.layout.key(Handle(Kind.INDEX, idx))):
