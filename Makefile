@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m drsvc.demo --root var
 
+# tests/test_postgres.py runs a real PostgreSQL (initdb, pg_ctl, pg_basebackup, pg_waldump) as `postgres`
 test: $(STAMP)
+	ls /usr/lib/postgresql/*/bin/pg_basebackup >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq postgresql; }
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

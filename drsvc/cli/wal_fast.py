@@ -1,0 +1,197 @@
+"""`drsvc wal-push` and the cached path of `drsvc wal-fetch`, run before anything heavy is imported.
+
+PostgreSQL runs archive_command once per WAL segment, one at a time, and waits; restore_command likewise. A
+`drsvc` that loads its machinery (asyncio, pydantic, cryptography, zstandard, minio) needs 0.4 s to start;
+this path needs the interpreter, tomllib and ``drsvc.core.pgwal``. ``main.main`` calls ``dispatch`` first:
+
+- ``wal-push SOURCE PATH``: read ``state.dir`` from the config (tomllib only; the daemon validates the whole
+  file), check that SOURCE is a postgres source, copy PATH durably into its incoming directory
+  (``pgwal.push``), exit 0. Failures exit 1 with one line on stderr: PostgreSQL keeps the file and retries.
+- ``wal-fetch SOURCE NAME PATH`` when NAME is in the prefetch cache: move it to PATH and, when fewer than half
+  the prefetch depth is cached ahead, start a prefetcher (`drsvc wal-prefetch`, detached), exit 0.
+
+The prefetcher holds the cache's lock, inherited from here, so that no second one starts while the first is
+loading. Anything else (another verb, an option this parser does not know, a cache miss) returns None: the
+full CLI (``wal_cmd``) runs, with the same options.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from drsvc.core import pgwal
+from drsvc.core.errors import DRError
+
+EXIT_FAILURE = 1
+# wal-fetch could not tell whether the file exists (an error, not "missing"): above 125, PostgreSQL stops
+# recovery instead of taking the failure for the end of the archive and promoting with data missing
+EXIT_ABORT_RECOVERY = 126
+DEFAULT_PREFETCH = 8
+# verb -> (number of positionals, options taking a value)
+VERBS = {
+    "wal-push": (2, ()),
+    "wal-fetch": (3, ("--cache", "--prefetch")),
+}
+
+
+class Call:
+    """One parsed command line (a plain class: a dataclass or NamedTuple costs milliseconds to define)."""
+
+    __slots__ = ("args", "config", "options", "verb")
+
+    def __init__(self, config: str, verb: str, args: list[str], options: dict[str, str]) -> None:
+        self.config = config
+        self.verb = verb
+        self.args = args  # the positionals
+        self.options = options
+
+
+def parse(argv: list[str]) -> Call | None:
+    """`[-c CONFIG] VERB [OPTIONS] ARGS` for the verbs above; None for anything else, which argparse then
+    handles (and explains)."""
+    config = os.environ.get("DRSVC_CONFIG", "/etc/drsvc/drsvc.toml")
+    rest = list(argv)
+    while rest and rest[0].startswith("-"):
+        opt = rest.pop(0)
+        if opt in ("-c", "--config") and rest:
+            config = rest.pop(0)
+        elif opt.startswith("--config="):
+            config = opt.partition("=")[2]
+        elif opt.startswith("-c") and len(opt) > 2 and not opt.startswith("--"):
+            config = opt[2:]
+        else:
+            return None
+    if not rest or rest[0] not in VERBS:
+        return None
+    verb, rest = rest[0], rest[1:]
+    count, known = VERBS[verb]
+    options: dict[str, str] = {}
+    positionals: list[str] = []
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if name in known:
+            if not eq:
+                if not rest:
+                    return None
+                value = rest.pop(0)
+            options[name] = value
+        elif arg.startswith("-") and arg != "-":
+            return None
+        else:
+            positionals.append(arg)
+    if len(positionals) != count or not all(v.isdigit() for k, v in options.items() if k != "--cache"):
+        return None
+    return Call(config, verb, positionals, options)
+
+
+def dispatch(argv: list[str]) -> int | None:
+    call = parse(argv)
+    if call is None:
+        return None
+    if call.verb == "wal-push":
+        return run_push(call.config, *call.args)
+    source, name, path = call.args
+    prefetch = int(call.options.get("--prefetch", DEFAULT_PREFETCH))
+    return fetch_cached(call.config, source, name, path, call.options.get("--cache"), prefetch)
+
+
+# ---- wal-push ---------------------------------------------------------------------------------------
+
+
+def run_push(config: str, source: str, path: str) -> int:
+    try:
+        pgwal.push(path, state_dir(config, source), source)
+    except DRError as exc:
+        print(f"drsvc wal-push: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"drsvc wal-push: error: {exc.strerror or exc} ({exc.filename or path})", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def state_dir(config: str, source: str) -> str:
+    """`state.dir` of the config (relative to the config file's directory), after checking that `source`
+    is a postgres source. Only these keys are read: `drsvc config check` and the daemon check the rest."""
+    import tomllib
+
+    try:
+        with open(config, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise pgwal.WalPushError(f"cannot read the config file: {exc.strerror}", key=config) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise pgwal.WalPushError(f"the config file is not valid TOML: {exc}", key=config) from None
+    src = data.get("sources", {}).get(source)
+    if not isinstance(src, dict):
+        raise pgwal.WalPushError(f"no source {source!r} in the config", key="sources")
+    if src.get("type") != "postgres":
+        raise pgwal.WalPushError(f"source {source!r} is not a postgres source", key=f"sources.{source}.type")
+    d = data.get("state", {}).get("dir")
+    if not isinstance(d, str) or not d:
+        raise pgwal.WalPushError("the config sets no state.dir", key="state.dir")
+    return os.path.join(os.path.dirname(os.path.abspath(config)), d)
+
+
+# ---- wal-fetch, from the prefetch cache -------------------------------------------------------------
+
+
+def cache_dir(path: str, cache: str | None) -> str:
+    """The prefetch cache: `cache`, else ``drsvc-prefetch`` beside PATH (in pg_wal, on its file system)."""
+    return cache if cache is not None else os.path.join(os.path.dirname(path) or ".", pgwal.PREFETCH_DIR)
+
+
+def fetch_cached(
+    config: str, source: str, name: str, path: str, cache: str | None, prefetch: int
+) -> int | None:
+    """wal-fetch from the cache: 0 when NAME was moved to PATH, None when it is not cached (the full CLI
+    fetches it), EXIT_ABORT_RECOVERY when the cache could not be read. Starts a prefetcher when running low
+    (its failure costs speed, never the file already in place)."""
+    d = cache_dir(path, cache)
+    try:
+        if not pgwal.take_cached(d, name, path):
+            return None
+    except OSError as exc:
+        print(f"drsvc wal-fetch: error: {exc.strerror or exc} ({exc.filename or d})", file=sys.stderr)
+        return EXIT_ABORT_RECOVERY
+    if prefetch > 0 and pgwal.is_segment(name):
+        try:
+            seg_size = os.stat(path).st_size
+            low = max(1, prefetch // 2)
+            if pgwal.cached_ahead(d, name, seg_size, low) < low:
+                start_prefetch(config, source, name, seg_size, prefetch, d)
+        except OSError:
+            pass
+    return 0
+
+
+def start_prefetch(config: str, source: str, after: str, seg_size: int, count: int, cache: str) -> bool:
+    """Start a detached `drsvc wal-prefetch` filling `cache` unless one is running."""
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    args = ["wal-prefetch", source, after, "--seg-size", str(seg_size), "--count", str(count)]
+    return start_detached(config, [*args, "--cache", cache], os.path.join(cache, pgwal.LOCK_FILE))
+
+
+def start_detached(config: str, args: list[str], lock: str) -> bool:
+    """Start `drsvc -c CONFIG ARGS --lock-fd N` in a session of its own, holding the lock file `lock`
+    (inherited: it is held from here on, until the child exits), unless another process holds it. True if
+    started."""
+    import subprocess
+
+    fd = pgwal.try_lock(lock)
+    if fd is None:
+        return False
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "drsvc.cli.main", "-c", config, *args, "--lock-fd", str(fd)],
+            pass_fds=(fd,),
+            start_new_session=True,  # PostgreSQL waits for its command, not for this
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(fd)
+    return True
