@@ -41,6 +41,7 @@ from drsvc.core.stores.compose import open_site
 from drsvc.core.stores.metered import Observer
 from restore.logplan import restorable_range, stream_of
 from restore.logreplay import LogRestoreResult, restore_log
+from restore.postgres import PostgresRestoreResult
 from snapshot import SnapshotResult, Stats
 
 
@@ -195,13 +196,15 @@ class App:
     ) -> SnapshotResult:
         """Take a snapshot into the spool only; the daemon's shippers move it to the sites."""
         sc = self.config.source(source)
-        if sc.type != "tree":
+        if sc.type == "postgres":  # a base backup (drsvc.wal imports this module: imported here)
+            from drsvc.wal import take_base_backup
+
+            return await take_base_backup(self, source, progress)
+        if sc.type == "log":
             raise ConfigError(
-                f"source {source!r} is a {sc.type} source: it is not snapshotted like a tree",
+                f"source {source!r} is a log source: it is streamed, not snapshotted like a tree",
                 key=f"sources.{source}.type",
-                hint="the daemon (drsvc run) streams a log source and takes its checkpoints"
-                if sc.type == "log"
-                else "a postgres source is backed up by base backups and archived WAL",
+                hint="the daemon (drsvc run) streams a log source and takes its checkpoints",
             )
         repo = await self.open_repo(sc.tenant)
         stores = [self.store(n) for n in sc.sites]
@@ -352,10 +355,15 @@ class App:
         at_ns: int | None,
         site: str | None = None,
         progress: Callable[[restore.Progress], None] | None = None,
-    ) -> restore.RestoreResult | LogRestoreResult:
+    ) -> restore.RestoreResult | LogRestoreResult | PostgresRestoreResult:
         """Restore `source` as it was at `at_ns` (None: latest): a tree source from its newest snapshot at or
-        before that time; a log source from its newest checkpoint plus the change-log segments up to it."""
+        before that time; a log source from its newest checkpoint plus the change-log segments up to it; a
+        postgres source as its newest base backup before that time, set to recover to it from the WAL."""
         sc = self.config.source(source)
+        if sc.type == "postgres":
+            from drsvc.wal import restore_postgres
+
+            return await restore_postgres(self, source, target, at_ns, site, progress=progress)
         if site is not None and site not in sc.sites:
             raise ConfigError(
                 f"site {site!r} is not in the copy policy of source {source!r}", key=f"sources.{source}.sites"

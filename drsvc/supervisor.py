@@ -20,13 +20,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import replicator
@@ -41,6 +44,7 @@ from drsvc.prune import prune_tenant
 from drsvc.watch import TreeWatcher
 from replicator import Shipper
 from snapshot.logtail import LogStreamer, SpooledSegment
+from snapshot.wal import sweep_markers
 
 log = logging.getLogger("drsvc.supervisor")
 
@@ -53,6 +57,22 @@ MAINTENANCE_POLL = 30.0  # how often the maintenance task looks whether a prune 
 DEBOUNCE = 0.5  # watched trees: snapshot once changes have been quiet this long ...
 WATCH_MAX_DELAY = 3.0  # ... or this long after the first change, whichever comes first
 WATCH_FALLBACK = 60.0  # a watched tree that inotify cannot cover is scanned this often
+WAL_POLL = 0.5  # postgres sources: how often the incoming directory is looked at
+
+
+def _mtimes(where: Path) -> dict[str, int]:
+    """WAL files waiting in an incoming directory, by name: their mtimes (ns)."""
+    out = {}
+    try:
+        entries = list(os.scandir(where))
+    except FileNotFoundError:
+        return {}
+    for e in entries:
+        if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
+            continue
+        with contextlib.suppress(OSError):
+            out[e.name] = e.stat(follow_symlinks=False).st_mtime_ns
+    return out
 
 
 @dataclass
@@ -379,6 +399,47 @@ class Supervisor:
         self._newest_change[seg.source] = max(self._newest_change.get(seg.source, 0.0), seg.last_ns / 1e9)
         self.metrics.log_segment(self.sources[seg.source].tenant, seg.source, seg.size)
 
+    async def start_wal_ingest(self) -> None:
+        """One task per postgres source: spool the WAL files wal-push leaves in its incoming directory."""
+        for name, sc in self.app.config.sources.items():
+            if sc.type == "postgres":
+                self._stream_tasks.append(asyncio.create_task(self._ingest_loop(name), name=f"wal:{name}"))
+
+    async def _ingest_loop(self, source: str) -> None:
+        from drsvc.wal import incoming, ingest_wal  # drsvc.wal imports the app: here, not at the top
+
+        where = incoming(self.app, source)
+        swept = 0.0
+        while not self._stop_streams.is_set():
+            try:
+                await self.ingest_once(source, where, ingest_wal)
+                if time.monotonic() - swept > 3600:
+                    swept = time.monotonic()
+                    await asyncio.to_thread(sweep_markers, where)
+            except Exception as exc:  # logged; the files stay in incoming, durable, for the next pass
+                log.error("WAL ingest failed", extra={"source": source, "error": str(exc)})
+            try:
+                await asyncio.wait_for(self._stop_streams.wait(), WAL_POLL)
+            except TimeoutError:
+                pass
+        with contextlib.suppress(Exception):  # what wal-push left until the stop goes into the spool
+            await self.ingest_once(source, where, ingest_wal)
+
+    async def ingest_once(
+        self, source: str, where: Path, ingest: Callable[[App, str], Awaitable[list[str]]]
+    ) -> None:
+        """Spool the waiting WAL files and track each until min_copies sites hold it; a file's time is its
+        mtime (PostgreSQL wrote no record in it later)."""
+        times = await asyncio.to_thread(_mtimes, where)
+        if not times:
+            return
+        sc = self.app.config.sources[source]
+        for key in await ingest(self.app, source):
+            t = times.get(key.rsplit("/", 1)[-1])
+            if t is not None:
+                self.tracked.append(Tracked(source, key, t, tuple(sc.sites)))
+        await asyncio.to_thread(self._save_tracked)
+
     async def start_streamers(self) -> None:
         """One LogStreamer per log source, each in a task of its own until ``stop``."""
         for name, sc in self.app.config.sources.items():
@@ -515,6 +576,7 @@ class Supervisor:
         self._loop = asyncio.get_running_loop()
         await self.start_watchers()
         await self.start_streamers()
+        await self.start_wal_ingest()
         self._site_tasks = [
             asyncio.create_task(loop.run(self._stop), name=f"site:{n}") for n, loop in self.sites.items()
         ]

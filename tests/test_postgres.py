@@ -9,6 +9,7 @@ launcher that runs the system's Python of the same version on this checkout and 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -621,3 +622,34 @@ def test_fake_segments_look_like_postgresql_s(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert pgwal.LONG_HEADER.size == 40
+
+
+async def test_the_daemon_ingests_pushed_wal_and_tracks_its_protection(wal_env: tuple[Path, Path]) -> None:
+    """`drsvc run`'s side of archive_command: the supervisor spools what wal-push left, the site loops ship
+    it, and the source's protected_until reaches the newest WAL file's time."""
+    from drsvc.metrics import Metrics
+    from drsvc.supervisor import Supervisor
+
+    config, pg_wal = wal_env
+    for n in (1, 2, 3):
+        (pg_wal / seg(n)).write_bytes(fake_segment(seed=n))
+        assert cli(config, "wal-push", "pg", str(pg_wal / seg(n))).returncode == 0
+    newest = (pg_wal / seg(3)).stat().st_mtime_ns
+    app = App(load_config(config), workers=2)
+    try:
+        await app.init_tenant("fin", FAST_SCRYPT)
+        sup = Supervisor(app, Metrics())
+        await sup.start()
+        try:
+            st = sup.sources["pg"]
+            deadline = time.monotonic() + 30
+            while st.protected_until * 1e9 < newest - 1000 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            assert st.protected_until * 1e9 >= newest - 1000  # float seconds: allow a microsecond
+            assert not pgwal_pending(app)
+        finally:
+            await sup.stop(5)
+        for site in ("s1", "s2"):
+            assert {seg(1), seg(2), seg(3)} <= await wal_names(app, site)
+    finally:
+        await app.close()

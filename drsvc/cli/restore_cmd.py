@@ -12,6 +12,7 @@ from drsvc.cli.render import emit_json, err, out, parse_time, size, when
 from drsvc.core.config import load_config
 from drsvc.core.errors import ConfigError
 from restore.logreplay import LogRestoreResult
+from restore.postgres import PostgresRestoreResult
 
 
 def register(sub: Any) -> None:
@@ -33,6 +34,8 @@ async def run(args: argparse.Namespace) -> int:
         r = await app.restore(args.source, args.to, at, args.site)
     if isinstance(r, LogRestoreResult):
         return _log_result(r, at, args.json)
+    if isinstance(r, PostgresRestoreResult):
+        return _postgres_result(r, at, args.json)
     if args.json:
         emit_json(
             {
@@ -108,5 +111,50 @@ def _log_result(r: LogRestoreResult, at: int | None, as_json: bool) -> int:
     out(f"  from site {r.site}; {len(r.fallbacks)} fallbacks; took {r.seconds:.2f}s")
     if r.gap:
         err(f"error: the change log has a gap: {r.gap.describe()}; restored up to just before it")
+        return EXIT_INTEGRITY
+    return 0
+
+
+def _postgres_result(r: PostgresRestoreResult, at: int | None, as_json: bool) -> int:
+    """A postgres source's restore: the base backup laid down with recovery settings; PostgreSQL started on
+    the target replays the WAL (fetched by `drsvc wal-fetch`) to the recovery point."""
+    b, w = r.base, r.wal
+    point = r.recovery_point_ns
+    if as_json:
+        emit_json(
+            {
+                "source": b.source,
+                "kind": "postgres",
+                "base_backup": b.snapshot.id,
+                "base_backup_time": when(b.snapshot.time_ns),
+                "target": b.target,
+                "site": b.site,
+                "recovery_target_time": when(w.target_ns) if w.target_ns is not None else None,
+                "recovery_point": when(point) if point is not None else None,
+                "rpo_achieved_s": r.rpo_achieved_s,
+                "past_end": w.past_end,
+                "wal": {"start": w.start, "stop": w.stop, "end": w.end, "gap": w.gap},
+                "restore_command": r.restore_command,
+                "warnings": w.warnings,
+                "fallbacks": [f.__dict__ for f in b.fallbacks],
+            }
+        )
+        return EXIT_INTEGRITY if w.gap else 0
+    for f in b.fallbacks:
+        err(f"warning: site {f.site}: {f.key}: {f.error}; read from another site")
+    for warning in w.warnings:
+        err(f"warning: {warning}")
+    out(f"restored {b.source} base backup {b.snapshot.id[:16]} ({when(b.snapshot.time_ns)}) into {b.target}")
+    out(f"  {b.files} files, {size(b.bytes)}, every blob verified; from site {b.site}, took {b.seconds:.2f}s")
+    out(f"  WAL from {w.start} to {w.end} in the archive; replay with: {r.restore_command}")
+    if w.target_ns is not None:
+        out(f"  recovery_target_time = {when(w.target_ns)}: start PostgreSQL on the target to recover to it")
+    else:
+        out(f"  no target time: PostgreSQL replays every archived WAL segment (the end: {w.end})")
+    if w.past_end and at is not None:
+        rpo = f", achieved RPO {r.rpo_achieved_s:.1f}s" if r.rpo_achieved_s is not None else ""
+        out(f"  requested {when(at)} is past the end of the archive{rpo}")
+    if w.gap:
+        err(f"error: WAL segment {w.gap} is missing at every site: replay stops before it")
         return EXIT_INTEGRITY
     return 0
