@@ -41,7 +41,7 @@ from drsvc.core.stores.compose import open_site
 from drsvc.core.stores.metered import Observer
 from restore.logplan import restorable_range, stream_of
 from restore.logreplay import LogRestoreResult, restore_log
-from restore.postgres import PostgresRestoreResult
+from restore.postgres import PostgresRestoreResult, read_backup_start
 from snapshot import SnapshotResult, Stats
 
 
@@ -309,7 +309,47 @@ class App:
         outcome = ForgetOutcome(source, result, sc.sites, holders, deleted, unreachable, dry_run, locked)
         if sc.type == "log" and result.forget:
             await self._forget_segments(repo, source, [r for r, _ in result.keep], outcome)
+        if sc.type == "postgres" and result.forget and result.keep:
+            await self._forget_wal(repo, source, min(r.time_ns for r, _ in result.keep), result, outcome)
         return outcome
+
+    async def _forget_wal(
+        self,
+        repo: Repository,
+        source: str,
+        oldest_ns: int,
+        result: retention.RetentionPlan,
+        outcome: ForgetOutcome,
+    ) -> None:
+        """A postgres source's archived WAL goes with the base backups that needed it: a WAL segment (or
+        backup history file) before the oldest kept base backup's start is deleted at every site. Timeline
+        history files stay (they are tiny, and recovery reads them)."""
+        oldest = next(r for r, _ in result.keep if r.time_ns == oldest_ns)
+        start = (await read_backup_start(repo, oldest)).file
+        sc = self.config.source(source)
+        tag = repo.keys.source_tag(source)
+        for site in sc.sites:
+            if site in outcome.unreachable:
+                continue
+            store = self.store(site)
+            try:
+                handles = await repo.list_handles(Kind.WAL, tag, store=store)
+            except StoreError as exc:
+                outcome.unreachable[site] = exc.message
+                continue
+            for h in handles:
+                if h.name.endswith(".history") or h.name[:24] >= start:
+                    continue
+                outcome.wal_forgotten += 1
+                if outcome.dry_run:
+                    continue
+                try:
+                    await store.delete(repo.layout.key(h))
+                except ObjectLocked:
+                    outcome.segments_locked += 1
+                except StoreError as exc:
+                    outcome.unreachable[site] = exc.message
+                    break
 
     async def _forget_segments(
         self, repo: Repository, source: str, kept: list[SnapshotRecord], outcome: ForgetOutcome

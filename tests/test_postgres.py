@@ -653,3 +653,50 @@ async def test_the_daemon_ingests_pushed_wal_and_tracks_its_protection(wal_env: 
             assert {seg(1), seg(2), seg(3)} <= await wal_names(app, site)
     finally:
         await app.close()
+
+
+async def test_forget_takes_the_wal_before_the_oldest_kept_base_backup(tmp_path: Path) -> None:
+    """Retention of a postgres source: forgetting a base backup deletes the archived WAL that only it needed
+    (segments before the oldest kept backup's start), at every site; history files stay."""
+    import snapshot
+    from snapshot.postgres import backup_config
+
+    sites = {n: {"type": "local", "path": str(tmp_path / "sites" / n)} for n in ("a", "b")}
+    config = write_config(tmp_path, sites, {"path": str(tmp_path / "pgdata"), "retention": {"keep_last": 1}})
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    for n in range(1, 7):
+        (pg_wal / seg(n)).write_bytes(fake_segment(seed=n))
+        assert cli(config, "wal-push", "pg", str(pg_wal / seg(n))).returncode == 0
+    (pg_wal / "00000002.history").write_text("1\t0/5000000\tno recovery target specified\n")
+    assert cli(config, "wal-push", "pg", str(pg_wal / "00000002.history")).returncode == 0
+    app = App(load_config(config), workers=2)
+    try:
+        await app.init_tenant("fin", FAST_SCRYPT)
+        await wal.ingest_wal(app, "pg")
+        sc = app.config.source("pg")
+        repo = await app.open_repo("fin")
+        for start in (2, 5):  # two base backups: the WAL they need starts at segments 2 and 5
+            backup = tmp_path / f"backup{start}"
+            backup.mkdir()
+            lsn = start * SEG + 0x28
+            (backup / "backup_label").write_text(
+                f"START WAL LOCATION: 0/{lsn:X} (file {seg(start)})\nCHECKPOINT LOCATION: 0/{lsn + 0x38:X}\n"
+                "BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-25 12:00:00 UTC\n"
+                "LABEL: test\nSTART TIMELINE: 1\n"
+            )
+            stores = [app.store(n) for n in sc.sites]
+            await snapshot.take_snapshot(
+                "pg", backup_config(sc, backup), repo, app.spool, stores, app.cache_dir, app.pool, app.workers
+            )
+        await ship(app)
+        dry = await app.forget("pg", dry_run=True)
+        assert dry.wal_forgotten == 4 * 2
+        for s in ("a", "b"):  # a dry run deletes nothing
+            assert len(await wal_names(app, s)) == 7
+        o = await app.forget("pg")
+        assert len(o.plan.forget) == 1 and o.wal_forgotten == 4 * 2  # segments 1 to 4, at two sites
+        for s in ("a", "b"):  # the kept backup starts at segment 5
+            assert await wal_names(app, s) == {seg(5), seg(6), "00000002.history"}
+    finally:
+        await app.close()

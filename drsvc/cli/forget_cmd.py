@@ -45,6 +45,7 @@ def _as_json(o: ForgetOutcome) -> dict[str, Any]:
         "unreachable": o.unreachable,
         "locked": o.locked,
         "segments_forgotten": o.segments_forgotten,
+        "wal_forgotten": o.wal_forgotten,
         "segments_locked": o.segments_locked,
         "complete": o.complete,
     }
@@ -74,6 +75,9 @@ async def run(args: argparse.Namespace) -> int:
             verb_s = "would go" if o.dry_run else "deleted"
             n = o.segments_forgotten
             out(f"change-log segments of forgotten checkpoints {verb_s}: {n} (copies, all sites)")
+        if o.wal_forgotten:
+            verb_w = "would go" if o.dry_run else "deleted"
+            out(f"archived WAL before the oldest kept base backup {verb_w}: {o.wal_forgotten} (copies)")
         if o.plan.forget and not o.dry_run:
             out("snapshot records deleted; the data they reference stays until `drsvc prune`")
     for rid, where in sorted(o.locked.items()):

@@ -185,7 +185,8 @@ class ForgetOutcome:
     dry_run: bool
     locked: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> site -> retained until (lock)
     segments_forgotten: int = 0  # log sources: change-log segments of forgotten checkpoints (per site copy)
-    segments_locked: int = 0  # of those, copies object lock keeps for now
+    wal_forgotten: int = 0  # postgres sources: archived WAL before the oldest kept base backup (per copy)
+    segments_locked: int = 0  # of the segments and WAL, copies object lock keeps for now
 
     @property
     def complete(self) -> bool:
