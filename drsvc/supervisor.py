@@ -58,6 +58,7 @@ DEBOUNCE = 0.5  # watched trees: snapshot once changes have been quiet this long
 WATCH_MAX_DELAY = 3.0  # ... or this long after the first change, whichever comes first
 WATCH_FALLBACK = 60.0  # a watched tree that inotify cannot cover is scanned this often
 WAL_POLL = 0.5  # postgres sources: how often the incoming directory is looked at
+PROTECT_COALESCE = 0.005  # after acknowledgements: protection is looked at again at most this often
 
 
 def _mtimes(where: Path) -> dict[str, int]:
@@ -198,8 +199,12 @@ class Supervisor:
         ]
         names = list(dict.fromkeys(s for sc in cfg.sources.values() for s in sc.sites))
         stores = {n: self.app.store(n) for n in names}
+        self._acked = asyncio.Event()  # a site acknowledged an object: protection may have advanced
+        self._protect_task: asyncio.Task[None] | None = None
+        self._protecting = asyncio.Lock()
         for n in names:
             self.sites[n] = SiteLoop(stores[n], self.app, [stores[p] for p in names if p != n], self.metrics)
+            self.sites[n].shipper.on_ack = self._acked.set
         self.spool_used = self.app.spool.used_bytes()
         self.metrics.spool(self.spool_used, cfg.state.spool_quota)
         self._stop = asyncio.Event()
@@ -329,34 +334,7 @@ class Supervisor:
         """Protection, metrics, status line, watchdog progress."""
         cfg = self.app.config
         spool = self.app.spool
-        caught_up = {name: s.caught_up_ns / 1e9 for name, s in self.streamers.items()}  # read first
-        still: list[Tracked] = []
-        waiting: set[str] = set()  # sources with an unprotected entry: later ones wait behind it
-        for t in list(self.tracked):
-            sc = cfg.sources.get(t.source)
-            if sc is None:
-                continue
-            if t.source in waiting:
-                still.append(t)
-                continue
-            p = await asyncio.to_thread(
-                replicator.protection, spool, t.key, sc.sites, sc.min_copies, t.sites or sc.sites
-            )
-            if not p.protected:
-                still.append(t)
-                waiting.add(t.source)
-                continue
-            await self._protected(t.source, t.time_ns / 1e9)
-        for name, until in caught_up.items():  # an idle log: protected up to now, once all is shipped
-            if name not in waiting and until and not await asyncio.to_thread(self._segments_pending, name):
-                await self._protected(name, until)
-        if len(still) != len(self.tracked):
-            self.tracked = still
-            await asyncio.to_thread(self._save_tracked)
-        for name in self.streamers:
-            st = self.sources[name]
-            newest = self._newest_change.get(name, 0.0)
-            self.metrics.log_lag(st.tenant, name, max(0.0, newest - st.protected_until) if newest else 0.0)
+        await self.update_protection()
         now = self.clock()
         self.metrics.update_rpo(now)
         for name in self.sites:
@@ -373,6 +351,61 @@ class Supervisor:
             log.error("supervisor task ended unexpectedly; watchdog pings stop", extra={"tasks": dead})
         elif self.on_progress:
             self.on_progress()
+
+    async def update_protection(self) -> None:
+        """Advance protected_until for what reached min_copies sites: tracked entries in order per source
+        (a later one waits behind an earlier one still short of copies), and an idle log up to its tailer's
+        caught-up time once nothing of it is left to ship. Run by every tick and after acknowledgements."""
+        async with self._protecting:
+            cfg = self.app.config
+            caught_up = {name: s.caught_up_ns / 1e9 for name, s in self.streamers.items()}  # read first
+            done: set[int] = set()
+            waiting: set[str] = set()  # sources with an unprotected entry: later ones wait behind it
+            for t in list(self.tracked):
+                sc = cfg.sources.get(t.source)
+                if sc is None or t.source in waiting:
+                    continue
+                p = await asyncio.to_thread(
+                    replicator.protection, self.app.spool, t.key, sc.sites, sc.min_copies, t.sites or sc.sites
+                )
+                if not p.protected:
+                    waiting.add(t.source)
+                    continue
+                done.add(id(t))
+                await self._protected(t.source, t.time_ns / 1e9)
+            for name, until in caught_up.items():
+                if (
+                    name not in waiting
+                    and until
+                    and not await asyncio.to_thread(self._segments_pending, name)
+                ):
+                    await self._protected(name, until)
+            if done:  # entries tracked meanwhile (a streamer's thread) stay: filter, do not replace
+                self.tracked = [t for t in self.tracked if id(t) not in done]
+                await asyncio.to_thread(self._save_tracked)
+            for name in self.streamers:
+                st = self.sources[name]
+                newest = self._newest_change.get(name, 0.0)
+                self.metrics.log_lag(
+                    st.tenant, name, max(0.0, newest - st.protected_until) if newest else 0.0
+                )
+
+    async def _protect_on_ack(self) -> None:
+        """Protection as soon as a site acknowledges something, not only at the next tick: the lag of a
+        change log is then the shipping time, not the tick."""
+        while not self._stop.is_set():
+            waiter = asyncio.ensure_future(self._acked.wait())
+            stopper = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when="FIRST_COMPLETED")
+            for f in (waiter, stopper):
+                f.cancel()
+            self._acked.clear()
+            if self.tracked or self.streamers:
+                try:
+                    await self.update_protection()
+                except Exception:
+                    log.exception("protection update failed")
+            await asyncio.sleep(PROTECT_COALESCE)  # acks in a burst: one update
 
     async def _protected(self, source: str, until: float) -> None:
         """Every change of `source` up to `until` (wall seconds) is at min_copies sites."""
@@ -585,6 +618,7 @@ class Supervisor:
             asyncio.create_task(self._schedule(), name="scheduler"),
             asyncio.create_task(self._ticker(), name="ticker"),
         ]
+        self._protect_task = asyncio.create_task(self._protect_on_ack(), name="protection")
         cfg = self.app.config
         if cfg.prune.interval is not None or cfg.scrub.interval is not None:
             self._maintenance = asyncio.create_task(self._maintain_loop(), name="maintenance")
@@ -662,6 +696,8 @@ class Supervisor:
             for t in pending:
                 t.cancel()
         everything = [t for t in (scheduler, ticker) if t is not None] + self._site_tasks
+        if self._protect_task is not None:
+            everything.append(self._protect_task)  # it ends with _stop set
         await asyncio.gather(*everything, return_exceptions=True)
         unsubscribe, self._unsubscribe = getattr(self, "_unsubscribe", None), None
         if unsubscribe is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from drsvc.core.errors import ObjectNotFound, StoreError
@@ -38,6 +38,7 @@ class Shipper:
         self.spool = spool
         self.concurrency = concurrency
         self.wakeup = asyncio.Event()
+        self.on_ack: Callable[[], None] | None = None  # told after each acknowledged object (on the loop)
 
     async def _ship_one(self, p: Pending) -> int:
         try:
@@ -56,6 +57,8 @@ class Shipper:
             await self.store.put(p.key, data)
         if await asyncio.to_thread(self.spool.outbox.ack, p.seq, self.site):
             await asyncio.to_thread(self.spool.shipped, p.seq, p.key)
+        if self.on_ack is not None:
+            self.on_ack()
         return p.size
 
     async def _from_peer(self, key: str) -> bytes:
