@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import restore
 from drsvc.app import App
 from drsvc.core.config import load_config
 from drsvc.core.crypto import ScryptParams
@@ -98,6 +99,7 @@ async def demo(root: Path, listen: str) -> int:
         target = root / "restored"
         shutil.rmtree(target, ignore_errors=True)
         r = await app.restore("sample", target, None, site="local-b")
+        assert isinstance(r, restore.RestoreResult)  # the sample is a tree source
         print(
             f"restored {r.files} files, {r.bytes} bytes from site {r.site} in {r.seconds:.2f}s, "
             f"every blob verified"

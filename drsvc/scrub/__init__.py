@@ -1,33 +1,43 @@
 """Scrubbing a tenant repository at every site, and repairing each site from the others.
 
-1. Inventory: list each site of the tenant: prune markers (read at once), then snapshot records, indexes and
-   packs (the reverse of the shipping order, so what a listed object names was at that site before it was
-   listed), key slots and config. A site that cannot be listed, or holds nothing at all (an NFS mount that is
-   not mounted: never filled), is a finding and is left out; a key that is not of our layout is stray.
+1. Inventory: list each site of the tenant: prune markers (read at once), then change-log segments and WAL
+   objects, snapshot records, indexes and packs (the reverse of the shipping order, so what a listed object
+   names was at that site before it was listed), key slots and config. A site that cannot be listed, or
+   holds nothing at all (an NFS mount that is not mounted: never filled), is a finding and is left out; a
+   key that is not of our layout is stray.
 2. Expectations. A site must hold the config and every key slot; the records of every source whose copy
    policy names it (except those retention would forget) and every record it holds; the indexes it holds,
-   those its records list and those naming a pack it holds; the packs those indexes name. Packs a prune
-   marker condemns, and indexes naming them, belong to that prune: neither spread nor rewritten, and an index
-   a record lists that is present nowhere is no finding (prune replaces indexes). Records of a source tag no
-   configured source has stay where they are. A pack nothing expects at a site is extra (reported, never
-   deleted). A copy this host's outbox has still to ship to a site is in flight there, not missing.
-3. Verification. Every copy of every record, key slot and config is read (they are small); of indexes and
-   packs, a share chosen by a stable hash of the name from a cursor kept under the state dir, so successive
-   runs cover all of them. Always read: every copy of an object whose copies differ in size or that the last
-   run left damaged (so an alert stays until the damage is gone), and one good copy of an object a site lacks.
-   A pack verifies when its sealed header authenticates, agrees with the index and every blob verifies
-   (``drsvc.check.verify_pack``); a copy whose size differs from one that verified is damaged unread.
-4. Repair, in shipping order (config and key slots, packs, indexes, records): write the bytes of a copy that
-   verified (indexes and records are fetched and verified again just before), then stat the written copy.
-5. An object no site holds intact is unrecoverable; the report names the snapshots it breaks (for a pack:
-   those whose trees reach a blob that no copy holds intact, in this pack or any other).
+   those its records list and those naming a pack it holds; the packs those indexes name; the segments and
+   WAL objects of every source whose copy policy names it and those it holds, except the segments retention
+   has deleted (streams no kept checkpoint starts, older than the newest kept one: left where they are,
+   unread, as extra). Packs a prune marker condemns, and indexes naming them, belong to that prune: neither
+   spread nor rewritten, and an index a record lists that is present nowhere is no finding (prune replaces
+   indexes). Records, segments and WAL of a source tag no configured source has stay where they are (extra).
+   A pack nothing expects at a site is extra (reported, never deleted). A copy this host's outbox has still
+   to ship to a site is in flight there, not missing.
+3. Verification. Every copy of every record, key slot and config is read (they are small); of indexes,
+   packs, segments and WAL objects, a share chosen by a stable hash of the name from a cursor kept under the
+   state dir, so successive runs cover all of them. Always read: every copy of an object whose copies differ
+   in size or that the last run left damaged (so an alert stays until the damage is gone), and one good copy
+   of an object a site lacks. A pack verifies when its sealed header authenticates, agrees with the index and
+   every blob verifies (``drsvc.check.verify_pack``); a copy whose size differs from one that verified is
+   damaged unread. A segment or WAL object verifies when it opens and decodes as its name and source's.
+4. Repair, in shipping order (config and key slots, packs, segments and WAL, indexes, records): write the
+   bytes of a copy that verified (indexes and records are fetched and verified again just before), then
+   stat the written copy.
+5. An object no site holds intact is unrecoverable; the report names what it breaks: for a pack, the
+   snapshots whose trees reach a blob that no copy holds intact, in this pack or any other; for a segment,
+   the restores of its source after its first event (until a newer stream starts); for a WAL file,
+   point-in-time recovery past it.
 6. Findings, repairs and the result go to the log, the metrics and ``<state.dir>/scrub/<tenant>.json``,
-   which ``drsvc status`` shows. CPU work on bytes runs in threads; packs are read a few at a time.
+   which ``drsvc status`` shows. CPU work on bytes runs in threads; packs, segments and WAL objects are read
+   a few at a time.
 
 Modules, in the order a run uses them: ``inventory`` (1), then by kind of object ``keys`` (config and key
-slots), ``records``, ``indexes`` and ``packs`` (2-4), ``breaks`` (5, and the alert). ``engine`` holds a run's
-state and reads, verifies and repairs one object; ``verify`` checks one copy of the small objects;
-``report`` holds what a run returns and ``state`` what it keeps between runs (6).
+slots), ``records``, ``indexes``, ``packs`` and ``changelog`` (segments and WAL) (2-4), ``breaks`` (5, and
+the alert). ``engine`` holds a run's state and reads, verifies and repairs one object; ``verify`` checks one
+copy of the small objects, segments and WAL; ``report`` holds what a run returns and ``state`` what it keeps
+between runs (6).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from drsvc.core.layout import Kind
 from drsvc.core.repository import gather_limited
 from drsvc.metrics import Metrics
 from drsvc.scrub.breaks import alert, name_breaks
+from drsvc.scrub.changelog import read_changelogs
 from drsvc.scrub.engine import PACKS_AT_ONCE as PACKS_AT_ONCE
 from drsvc.scrub.engine import SMALL_AT_ONCE, Scrub
 from drsvc.scrub.indexes import read_indexes
@@ -121,6 +132,7 @@ async def _run(s: Scrub) -> ScrubReport:
     records = await read_records(s)
     packs = await read_indexes(s, records)
     await read_packs(s, packs)
+    await read_changelogs(s, records)
     for kind in (Kind.INDEX, Kind.SNAPSHOT):  # after the packs: a record at a site implies the rest
         objs = s.of_kind(kind)
         await gather_limited(SMALL_AT_ONCE, [functools.partial(s.repair_copies, o, None) for o in objs])

@@ -21,11 +21,12 @@ from drsvc.core.errors import DRError, ObjectNotFound, StoreError, TransientStor
 from drsvc.core.format import BlobEntry
 from drsvc.core.layout import Handle, Kind, Layout
 from drsvc.core.repository import Repository
+from drsvc.core.retention import RetentionPlan
 from drsvc.core.stores import ObjectStore
 from drsvc.metrics import Metrics
 from drsvc.scrub.report import DAMAGE, Finding, FindingKind, ScrubProgress, ScrubReport, Unrecoverable
 from drsvc.scrub.state import selected
-from drsvc.scrub.verify import decode_record, parse_slot, verify_config
+from drsvc.scrub.verify import decode_record, parse_slot, verify_config, verify_segment, verify_wal
 
 log = logging.getLogger("drsvc.scrub")
 
@@ -62,7 +63,8 @@ class IndexedPack:
 
 
 def label(layout: Layout, h: Handle) -> str:
-    return layout.key(h)[len(layout.root) :] if h.kind is Kind.SNAPSHOT else str(h)
+    """How the report names an object: per-source objects with their tag (``logs/<tag>/<name>``)."""
+    return layout.key(h)[len(layout.root) :] if h.source_tag else str(h)
 
 
 def _by_handle(o: ScrubObject) -> Handle:
@@ -100,6 +102,8 @@ class Scrub:
             tenant, time.time(), read_share=share, repair=repair, sites=list(self.site_order)
         )
         self.repo: Repository
+        self.tags: dict[str, str] = {}  # source tag -> name, of the tenant's configured sources
+        self.plans: dict[str, RetentionPlan] = {}  # source -> what its retention policy keeps now
         self.pack_entries: dict[str, IndexedPack] = {}
 
     def of_kind(self, kind: Kind) -> list[ScrubObject]:
@@ -286,6 +290,10 @@ class Scrub:
             return lambda b: decode_record(self.repo, o.handle, b)
         if kind is Kind.INDEX:
             return lambda b: self.repo.decode_index(name, b)
+        if kind is Kind.SEGMENT:
+            return lambda b: verify_segment(self.repo, o.handle, b)
+        if kind is Kind.WAL:
+            return lambda b: verify_wal(self.repo, o.handle, b, self.tags.get(o.handle.source_tag))
         entries = list(self.pack_entries[name].entries.values())
         return lambda b: verify_pack(self.repo, name, b, entries)
 

@@ -8,15 +8,24 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
-from drsvc.core.errors import DRError, ObjectNotFound, RepositoryError, StoreError, TransientStoreError
+from drsvc.core.errors import (
+    DRError,
+    IntegrityError,
+    ObjectNotFound,
+    RepositoryError,
+    StoreError,
+    TransientStoreError,
+)
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.outbox import Outbox
 from drsvc.core.repository import Repository
+from drsvc.core.segments import SegmentName
 from drsvc.scrub.engine import Scrub, ScrubObject, label
 from drsvc.scrub.report import FindingKind
 
-# prune markers first, then the reverse of the shipping order
-LISTED = (Kind.PRUNE, Kind.SNAPSHOT, Kind.INDEX, Kind.PACK, Kind.KEY, Kind.CONFIG)
+# prune markers first; the change logs (segments, WAL), which no other object names; then the reverse of the
+# shipping order
+LISTED = (Kind.PRUNE, Kind.SEGMENT, Kind.WAL, Kind.SNAPSHOT, Kind.INDEX, Kind.PACK, Kind.KEY, Kind.CONFIG)
 
 
 async def take_inventory(s: Scrub) -> None:
@@ -64,6 +73,9 @@ async def _list(s: Scrub, site: str) -> dict[Handle, int] | None:
                 except RepositoryError:
                     s.find(site, FindingKind.STRAY, info.key, "not an object of this repository")
                     continue
+                if h.kind is Kind.SEGMENT and not _segment_name(h.name):
+                    s.find(site, FindingKind.STRAY, info.key, "not a change-log segment name")
+                    continue
                 if h.kind is not Kind.PRUNE:
                     found[h] = info.size
                     continue
@@ -93,6 +105,7 @@ async def open_repository(s: Scrub) -> None:
             "no reachable site could open the repository: " + "; ".join(errors), tenant=s.tenant
         )
     s.repo = Repository(s.tenant, repo.keys, repo.params, list(s.stores.values()))
+    s.tags = {repo.keys.source_tag(n): n for n, sc in s.config.sources.items() if sc.tenant == s.tenant}
     for name, copies in s.markers.items():
         for data in copies:  # a marker that no copy decodes is ignored, by writers and prune alike
             try:
@@ -101,6 +114,14 @@ async def open_repository(s: Scrub) -> None:
                 continue
             s.condemned.update(marker.packs)
             break
+
+
+def _segment_name(name: str) -> bool:
+    try:
+        SegmentName.parse(name)
+    except IntegrityError:
+        return False
+    return True
 
 
 def _outbox_pending(state_dir: Path, tenant: str) -> set[tuple[str, str]]:

@@ -1,5 +1,6 @@
 """The snapshot records. Every copy is read; a record belongs where the copy policy of its source
-puts it (unless retention would forget it) and wherever it is."""
+puts it (unless retention would forget it) and wherever it is. What each source's retention policy keeps
+and forgets now is kept for the change logs (``changelog``)."""
 
 from __future__ import annotations
 
@@ -31,22 +32,22 @@ async def read_records(s: Scrub) -> dict[Handle, SnapshotRecord]:
 
     await gather_limited(SMALL_AT_ONCE, [functools.partial(one, o) for o in objs])
 
-    sources = {n: sc for n, sc in s.config.sources.items() if sc.tenant == s.tenant}
-    tags = {s.repo.keys.source_tag(n): n for n in sources}
-    forgotten: set[str] = set()  # records retention would forget now: never spread them again
-    for name, sc in sources.items():
-        if sc.retention is not None:
+    now = time.time_ns()
+    for name in s.tags.values():
+        retain = s.config.sources[name].retention
+        if retain is not None:
             mine = [r for r in records.values() if r.source == name]
-            plan = retention.plan(mine, sc.retention.policy(), time.time_ns())
-            forgotten.update(r.id for r in plan.forget)
+            s.plans[name] = retention.plan(mine, retain.policy(), now)
+    # records retention would forget now: never spread them again
+    forgotten = {r.id for plan in s.plans.values() for r in plan.forget}
     unknown: Counter[tuple[str, str]] = Counter()
     for o in objs:
-        source = tags.get(o.handle.source_tag)
+        source = s.tags.get(o.handle.source_tag)
         if source is None:
             unknown.update((site, o.handle.source_tag) for site in o.sizes)
         where = set(o.sizes)
         if source is not None and o.handle.name not in forgotten:
-            where |= set(sources[source].sites)
+            where |= set(s.config.sources[source].sites)
         s.expect(o, where)
         if o.good is None and o.sizes:
             lost = s.lost(o, "no copy of the snapshot record decodes")

@@ -25,7 +25,9 @@ DAMAGE = frozenset({FindingKind.MISSING, FindingKind.CORRUPT, FindingKind.SIZE})
 class Finding:
     site: str
     kind: FindingKind
-    object: str  # "data/<id>", "index/<id>", "snapshots/<tag>/<id>", "keys/<id>", "config"; a stray: its key
+    # "data/<id>", "index/<id>", "snapshots/<tag>/<id>", "logs/<tag>/<name>", "wal/<tag>/<name>", "keys/<id>",
+    # "config"; a stray: its key; objects of one source counted in one finding: "<kind>/<tag>/"
+    object: str
     detail: str = ""
     repaired: bool = False
     repair_error: str | None = None
@@ -109,7 +111,7 @@ class ScrubReport:
 
 @dataclass(frozen=True)
 class ScrubProgress:
-    phase: str  # "list", "config", "records", "indexes", "packs", "repair", "walk"
+    phase: str  # "list", "config", "records", "indexes", "packs", "changelogs", "repair", "walk"
     done: int
     total: int
     object: str = ""

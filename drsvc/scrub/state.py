@@ -13,7 +13,7 @@ from drsvc.scrub.report import ScrubReport
 
 @dataclass
 class ScrubState:
-    cursor: float = 0.0  # where the next run's window of indexes and packs to read starts, in [0, 1)
+    cursor: float = 0.0  # where the next run's window of indexes, packs, segments and WAL starts, in [0, 1)
     last: ScrubReport | None = None
 
 
