@@ -19,6 +19,7 @@ from drsvc.core.errors import RestoreError
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.segments import SegmentName
 from replicator import replicate
+from restore import restore_tree
 from restore.logreplay import LogGapError, restorable_range, restore_log
 from snapshot.logtail import LogStreamer, SpooledSegment
 
@@ -451,8 +452,11 @@ async def test_checkpoints_start_new_streams_and_let_old_segments_go(tmp_path: P
         assert rng.latest_ns == r.restored_ns
 
         # a checkpoint is an ordinary tree snapshot: the tree restore reads it as the directory at its time
-        await app.restore("docs", tmp_path / "as-tree", None)
+        await restore_tree(await app.open_repo("fin"), "docs", tmp_path / "as-tree", None)
         assert content(tmp_path / "as-tree") == h.points[-2][1]
+        # while App.restore replays the change log on top of it: the latest point
+        await app.restore("docs", tmp_path / "latest-app", None)
+        assert content(tmp_path / "latest-app") == h.points[-1][1]
 
         # the newest checkpoint forgotten (retention): its stream cannot be replayed, and says why
         await app.store("a").delete(cp2.key)
