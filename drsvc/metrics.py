@@ -164,6 +164,12 @@ class Metrics:
             buckets=(1024, 16 * 1024, 256 * 1024, 1024**2, 4 * 1024**2, 16 * 1024**2, 64 * 1024**2),
             registry=r,
         )
+        self._wal_backlog = Gauge(
+            "drsvc_wal_backlog_files",
+            "Postgres sources: WAL files wal-push has handed over that are not sealed into the spool yet",
+            ("tenant", "source"),
+            registry=r,
+        )
         self._watching = Gauge(
             "drsvc_source_watching",
             "1 when inotify watches the tree source, 0 when it fell back to scanning (see the logs)",
@@ -329,6 +335,9 @@ class Metrics:
 
     def log_segment(self, tenant: str, source: str, nbytes: int) -> None:
         self._log_segment_bytes.labels(tenant, source).observe(nbytes)
+
+    def wal_backlog(self, tenant: str, source: str, files: int) -> None:
+        self._wal_backlog.labels(tenant, source).set(files)
 
     def source_watching(self, tenant: str, source: str, watching: bool) -> None:
         self._watching.labels(tenant, source).set(1 if watching else 0)

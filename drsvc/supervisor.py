@@ -464,14 +464,16 @@ class Supervisor:
         """Spool the waiting WAL files and track each until min_copies sites hold it; a file's time is its
         mtime (PostgreSQL wrote no record in it later)."""
         times = await asyncio.to_thread(_mtimes, where)
+        sc = self.app.config.sources[source]
+        self.metrics.wal_backlog(sc.tenant, source, len(times))
         if not times:
             return
-        sc = self.app.config.sources[source]
         for key in await ingest(self.app, source):
             t = times.get(key.rsplit("/", 1)[-1])
             if t is not None:
                 self.tracked.append(Tracked(source, key, t, tuple(sc.sites)))
         await asyncio.to_thread(self._save_tracked)
+        self.metrics.wal_backlog(sc.tenant, source, len(await asyncio.to_thread(_mtimes, where)))
 
     async def start_streamers(self) -> None:
         """One LogStreamer per log source, each in a task of its own until ``stop``."""

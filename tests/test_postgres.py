@@ -638,7 +638,8 @@ async def test_the_daemon_ingests_pushed_wal_and_tracks_its_protection(wal_env: 
     app = App(load_config(config), workers=2)
     try:
         await app.init_tenant("fin", FAST_SCRYPT)
-        sup = Supervisor(app, Metrics())
+        metrics = Metrics()
+        sup = Supervisor(app, metrics)
         await sup.start()
         try:
             st = sup.sources["pg"]
@@ -647,6 +648,8 @@ async def test_the_daemon_ingests_pushed_wal_and_tracks_its_protection(wal_env: 
                 await asyncio.sleep(0.1)
             assert st.protected_until * 1e9 >= newest - 1000  # float seconds: allow a microsecond
             assert not pgwal_pending(app)
+            body = metrics.render()[0].decode()
+            assert 'drsvc_wal_backlog_files{source="pg",tenant="fin"} 0.0' in body
         finally:
             await sup.stop(5)
         for site in ("s1", "s2"):
