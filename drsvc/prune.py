@@ -63,8 +63,9 @@ log = logging.getLogger("drsvc.prune")
 ID = 16  # bytes of a blob id kept as its identity here: 128 bits, like a UUID
 _IDS = np.dtype(f"S{ID}")
 SPAN_GAP = 1024 * 1024  # tree reads: join ranges of one pack closer than this ...
-SPAN_MAX = 8 * 1024 * 1024  # ... into reads of at most this
+SPAN_MAX = 2 * 1024 * 1024  # ... into reads of at most this (READS_AT_ONCE of them in flight)
 NS = 1_000_000_000
+READS_AT_ONCE = 8  # tree reads in flight during the walk: at most 16 MiB of spans
 INDEXES_AT_ONCE = 2  # index objects decoded at once (each up to ~100,000 entries as Python lists)
 USED_BUFFER = 16 * 1024 * 1024  # used ids collected before they are merged into the sorted array
 STARTED = 0  # a marker's time for a pack whose deletion has begun (object lock kept a copy): due at once
@@ -429,7 +430,7 @@ class _Run:
                     span.append(item)
                 if span:
                     calls.append(functools.partial(self._read_span, pack, span))
-            for refs in await gather_limited(8, calls):
+            for refs in await gather_limited(READS_AT_ONCE, calls):
                 for tid, subtrees, joined in refs:
                     self.used.add(tid[:ID] + joined)
                     level.extend(subtrees)
