@@ -428,7 +428,7 @@ class Supervisor:
         sc = self.app.config.sources.get(seg.source)
         if sc is None:
             return
-        self.tracked.append(Tracked(seg.source, seg.key, seg.last_ns, tuple(sc.sites)))
+        self.tracked.append(Tracked(seg.source, seg.key, seg.covers_ns, tuple(sc.sites)))
         self._newest_change[seg.source] = max(self._newest_change.get(seg.source, 0.0), seg.last_ns / 1e9)
         self.metrics.log_segment(self.sources[seg.source].tenant, seg.source, seg.size)
 

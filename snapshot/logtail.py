@@ -74,6 +74,10 @@ class SpooledSegment:
     data_bytes: int  # appended file bytes it carries
     size: int  # sealed size
     spooled_ns: int  # when it became durable in the spool
+    # every change made before this time is in this segment or an earlier one: what protection may claim
+    # once it is at min_copies sites (not last_ns: an append that finished between a file's size being read
+    # and the event being stamped is in the next segment)
+    covers_ns: int = 0
 
 
 class _Builder:
@@ -397,8 +401,8 @@ class LogStreamer:
             if not self._read_new(f, st, b, spooled, may_stop=True):
                 more = True
                 break
-        if b.events:
-            self._flush(b, spooled)
+        if b.events:  # the cut's last segment: with nothing left waiting, every write before `mark` is in
+            self._flush(b, spooled, covers=self.caught_up_ns if more else mark)
         self._close_idle()
         if not more:
             self.caught_up_ns = max(self.caught_up_ns, mark)
@@ -557,8 +561,9 @@ class LogStreamer:
             return os.pread(fd, len(f.tail), f.offset - len(f.tail)) != f.tail  # rewritten in place
         return False
 
-    def _flush(self, b: _Builder, out: list[SpooledSegment]) -> None:
-        """Seal and spool the builder's events, then save the position (in that order)."""
+    def _flush(self, b: _Builder, out: list[SpooledSegment], covers: int | None = None) -> None:
+        """Seal and spool the builder's events, then save the position (in that order). `covers`: every
+        change before it is in this segment or an earlier one (default: what earlier cuts covered)."""
         events = tuple(b.events)
         p = self.pos
         seg = Segment(
@@ -594,6 +599,7 @@ class LogStreamer:
             seg.data_bytes,
             len(sealed),
             time.time_ns(),
+            self.caught_up_ns if covers is None else covers,
         )
         out.append(done)
         if self.on_segment is not None:

@@ -596,3 +596,26 @@ async def test_forget_takes_the_segments_of_forgotten_checkpoints_with_them(tmp_
         assert again.segments_forgotten == 0
     finally:
         await app.close()
+
+
+async def test_a_segment_claims_protection_only_up_to_the_start_of_its_cut(tmp_path: Path) -> None:
+    """An append that finishes while a cut reads lands in a later segment: a segment may claim only what
+    was written before its cut began (covers_ns), never its own events' times (found by benchmarks/loglag)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"")
+    app = await init_app(log_config(tmp_path, logs, local_sites(tmp_path, ["a"]), segment_max="64KiB"))
+    try:
+        s = await streamer(app)
+        await s.cut_once()
+        before = time.time_ns()
+        (logs / "a.log").write_bytes(os.urandom(300_000))  # one cut, several segments
+        segs = await s.cut_once()
+        assert len(segs) >= 3
+        final = segs[-1]
+        assert before <= final.covers_ns <= final.first_ns  # the cut's start: after the write began
+        for seg in segs[:-1]:  # a segment cut mid-way covers only what earlier cuts covered
+            assert seg.covers_ns < before
+        assert s.caught_up_ns == final.covers_ns
+    finally:
+        await app.close()
