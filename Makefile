@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.replication
 	$(BIN)/python -m benchmarks.prune
 	$(BIN)/python -m benchmarks.scrub
+	$(BIN)/python -m benchmarks.loglag
 
 clean:
 	rm -rf $(VENV) var
