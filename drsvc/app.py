@@ -326,30 +326,13 @@ class App:
         history files stay (they are tiny, and recovery reads them)."""
         oldest = next(r for r, _ in result.keep if r.time_ns == oldest_ns)
         start = (await read_backup_start(repo, oldest)).file
-        sc = self.config.source(source)
-        tag = repo.keys.source_tag(source)
-        for site in sc.sites:
-            if site in outcome.unreachable:
-                continue
-            store = self.store(site)
-            try:
-                handles = await repo.list_handles(Kind.WAL, tag, store=store)
-            except StoreError as exc:
-                outcome.unreachable[site] = exc.message
-                continue
-            for h in handles:
-                if h.name.endswith(".history") or h.name[:24] >= start:
-                    continue
-                outcome.wal_forgotten += 1
-                if outcome.dry_run:
-                    continue
-                try:
-                    await store.delete(repo.layout.key(h))
-                except ObjectLocked:
-                    outcome.segments_locked += 1
-                except StoreError as exc:
-                    outcome.unreachable[site] = exc.message
-                    break
+        outcome.wal_forgotten += await self._delete_at_sites(
+            repo,
+            source,
+            Kind.WAL,
+            lambda name: not name.endswith(".history") and name[:24] < start,
+            outcome,
+        )
 
     async def _forget_segments(
         self, repo: Repository, source: str, kept: list[SnapshotRecord], outcome: ForgetOutcome
@@ -357,27 +340,45 @@ class App:
         """A log source's change-log segments go with the checkpoint their stream starts from: a segment whose
         stream no kept checkpoint starts, and which is older than the newest kept checkpoint (so never the
         stream being written, whose checkpoint may still be on its way), is deleted at every site."""
-        sc = self.config.source(source)
         kept_streams = {stream_of(r) for r in kept if "log_stream" in r.stats}
         newest = max((r.time_ns for r in kept if "log_stream" in r.stats), default=0)
+
+        def goes(name: str) -> bool:
+            try:
+                parsed = SegmentName.parse(name)
+            except DRError:
+                return False  # not a segment name: scrub reports it
+            return parsed.stream not in kept_streams and parsed.first_ns < newest
+
+        outcome.segments_forgotten += await self._delete_at_sites(repo, source, Kind.SEGMENT, goes, outcome)
+
+    async def _delete_at_sites(
+        self,
+        repo: Repository,
+        source: str,
+        kind: Kind,
+        goes: Callable[[str], bool],
+        outcome: ForgetOutcome,
+    ) -> int:
+        """Delete the source's objects of `kind` whose name `goes` at every site of the source (only count
+        them on a dry run); how many copies. A copy object lock keeps is counted in segments_locked; a site
+        that fails is added to the outcome's unreachable sites."""
+        sc = self.config.source(source)
         tag = repo.keys.source_tag(source)
+        n = 0
         for site in sc.sites:
             if site in outcome.unreachable:
                 continue
             store = self.store(site)
             try:
-                handles = await repo.list_handles(Kind.SEGMENT, tag, store=store)
+                handles = await repo.list_handles(kind, tag, store=store)
             except StoreError as exc:
                 outcome.unreachable[site] = exc.message
                 continue
             for h in handles:
-                try:
-                    name = SegmentName.parse(h.name)
-                except DRError:
-                    continue  # not a segment name: scrub reports it
-                if name.stream in kept_streams or name.first_ns >= newest:
+                if not goes(h.name):
                     continue
-                outcome.segments_forgotten += 1
+                n += 1
                 if outcome.dry_run:
                     continue
                 try:
@@ -387,6 +388,7 @@ class App:
                 except StoreError as exc:
                     outcome.unreachable[site] = exc.message
                     break
+        return n
 
     async def restore(
         self,
