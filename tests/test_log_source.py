@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import WeedServer
 from helpers import init_app, local_sites, make_config
+from test_sites import s3_site
 
 from drsvc.app import App
 from drsvc.core.errors import RestoreError
@@ -211,18 +212,6 @@ async def test_restart_continues_the_chain_and_a_crash_before_saving_resends_one
         assert r.stream == again[0].stream and content(tmp_path / "old-stream") == h.points[-1][1]
     finally:
         await app.close()
-
-
-def s3_site(server: WeedServer, bucket: str) -> dict[str, Any]:
-    return {
-        "type": "s3",
-        "endpoint": server.endpoint,
-        "bucket": bucket,
-        "secure": False,
-        "timeout": 5,
-        "access_key": {"value": server.access_key},
-        "secret_key": {"value": server.secret_key},
-    }
 
 
 async def test_segment_lost_at_one_site_is_read_from_the_other_lost_everywhere_stops_at_the_gap(

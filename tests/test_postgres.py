@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from conftest import WeedServer, free_ports
 from helpers import FAST_SCRYPT, PASSPHRASE
+from test_sites import s3_site
 
 import drsvc
 from drsvc import wal
@@ -199,19 +200,6 @@ class Cluster:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
-
-
-def s3_site(server: WeedServer, bucket: str) -> dict[str, Any]:
-    return {
-        "type": "s3",
-        "endpoint": server.endpoint,
-        "bucket": bucket,
-        "secure": False,
-        "timeout": 5,
-        "create_bucket": True,
-        "access_key": {"value": server.access_key},
-        "secret_key": {"value": server.secret_key},
-    }
 
 
 def write_config(home: Path, sites: dict[str, dict[str, Any]], source: dict[str, Any]) -> Path:

@@ -15,6 +15,7 @@ import pytest
 from conftest import WeedServer
 from helpers import init_app, local_sites, make_config, tree_state
 from minio import Minio
+from test_sites import s3_site
 
 import replicator
 from drsvc.app import App
@@ -31,18 +32,6 @@ from drsvc.scrub import FindingKind, ScrubProgress, load_state, scrub_tenant
 MISSING, CORRUPT, SIZE = FindingKind.MISSING, FindingKind.CORRUPT, FindingKind.SIZE
 EXTRA, STRAY, UNREACHABLE = FindingKind.EXTRA, FindingKind.STRAY, FindingKind.UNREACHABLE
 SMALL_PACKS = {"pack_size": "256KiB"}
-
-
-def s3_site(server: WeedServer, bucket: str) -> dict[str, Any]:
-    return {
-        "type": "s3",
-        "endpoint": server.endpoint,
-        "bucket": bucket,
-        "secure": False,
-        "timeout": 5,
-        "access_key": {"value": server.access_key},
-        "secret_key": {"value": server.secret_key},
-    }
 
 
 def corpus(src: Path, seed: int = 5) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from conftest import WeedServer
 from helpers import PASSPHRASE, init_app, local_sites, make_config
 from test_log_source import log_config, ship, streamer
-from test_scrub import flip, names, read, s3_site, write
+from test_scrub import flip, names, read, write
+from test_sites import s3_site
 
 from drsvc.app import App
 from drsvc.cli.main import EXIT_INTEGRITY, EXIT_OK
