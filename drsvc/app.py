@@ -397,22 +397,32 @@ class App:
         at_ns: int | None,
         site: str | None = None,
         progress: Callable[[restore.Progress], None] | None = None,
+        *,
+        isolate: bool = False,
     ) -> restore.RestoreResult | LogRestoreResult | PostgresRestoreResult:
         """Restore `source` as it was at `at_ns` (None: latest): a tree source from its newest snapshot at or
         before that time; a log source from its newest checkpoint plus the change-log segments up to it; a
-        postgres source as its newest base backup before that time, set to recover to it from the WAL."""
+        postgres source as its newest base backup before that time, set to recover to it from the WAL.
+        `site` is read first and the others only on failure; with `isolate`, `site` alone (a drill's
+        simulated loss of the other sites). The target must lie inside ``[restore] roots`` when set."""
         sc = self.config.source(source)
+        target = self.config.restore.check_target(target)
+        if isolate and site is None:
+            raise ConfigError("an isolated restore needs a site", key="site")
         if sc.type == "postgres":
             from drsvc.wal import restore_postgres
 
-            return await restore_postgres(self, source, target, at_ns, site, progress=progress)
+            return await restore_postgres(
+                self, source, target, at_ns, site, progress=progress, isolate=isolate
+            )
         if site is not None and site not in sc.sites:
             raise ConfigError(
                 f"site {site!r} is not in the copy policy of source {source!r}", key=f"sources.{source}.sites"
             )
         repo = await self.open_repo(sc.tenant, site)
         if site is not None:
-            repo.stores = [self.store(site), *[self.store(n) for n in sc.sites if n != site]]
+            others = [] if isolate else [self.store(n) for n in sc.sites if n != site]
+            repo.stores = [self.store(site), *others]
         if sc.type == "log":
             return await restore_log(repo, source, target, at_ns)
         return await restore.restore_tree(repo, source, target, at_ns, progress)

@@ -58,11 +58,13 @@ def incoming(app: App, source: str) -> Path:
     return Path(pgwal.incoming_dir(app.config.state.dir, source))
 
 
-async def _repo(app: App, sc: SourceConfig, site: str | None = None) -> Repository:
-    """The tenant's repository, read from the source's own sites (`site` first, if given)."""
+async def _repo(app: App, sc: SourceConfig, site: str | None = None, isolate: bool = False) -> Repository:
+    """The tenant's repository, read from the source's own sites (`site` first, if given; only `site`
+    with `isolate`)."""
     repo = await app.open_repo(sc.tenant, site)
     names = [site] if site is not None else []
-    repo.stores = [app.store(n) for n in [*names, *(n for n in sc.sites if n != site)]]
+    others = [] if isolate else [n for n in sc.sites if n != site]
+    repo.stores = [app.store(n) for n in [*names, *others]]
     return repo
 
 
@@ -223,6 +225,7 @@ async def restore_postgres(
     drsvc: Sequence[str] | None = None,
     keep_archiving: bool = False,
     progress: Callable[[RestoreProgress], None] | None = None,
+    isolate: bool = False,
 ) -> PostgresRestoreResult:
     """``App.restore`` for a postgres source: the base backup for `at_ns` in `target`, with recovery settings
     whose restore_command runs `drsvc` (default: this installation) with this config file."""
@@ -237,7 +240,7 @@ async def restore_postgres(
         )
     command = wal_fetch_command(drsvc or default_drsvc_command(), app.config.path.absolute(), source)
     return await restore_postgres_repo(
-        await _repo(app, sc, site),
+        await _repo(app, sc, site, isolate),
         source,
         target,
         at_ns,

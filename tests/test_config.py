@@ -173,6 +173,30 @@ def _drop(*path: str) -> Callable[[dict[str, Any]], None]:
         (_drop("state", "dir"), "state.dir", "required"),
         (_drop("state"), "state", "required"),
         (_set("surprise", value=1), "surprise", "Extra inputs"),
+        (_set("restore", value={"roots": ["rel/dir"]}), "restore.roots", "not an absolute path"),
+        (_set("audit", value={"keep": "30d"}), "audit.keep", "at least 180 days"),
+        (_set("audit", value={"tenant": "nope"}), "audit.tenant", "unknown tenant 'nope'"),
+        (_set("audit", value={"hash": "md5"}), "audit.hash", "sm3"),
+        (_set("api", value={"tls_cert": "/c.pem"}), "api.tls_key", "both or neither"),
+        (_set("api", value={"max_restores": 0}), "api.max_restores", "greater than"),
+        (
+            _set("api", value={"tokens": {"ann": {"hash": "sha256:" + "0" * 64, "role": "root"}}}),
+            "api.tokens.ann.role",
+            "viewer",
+        ),
+        (
+            _set("api", value={"tokens": {"ann": {"hash": "plain", "role": "viewer"}}}),
+            "api.tokens.ann.hash",
+            "pattern",
+        ),
+        (
+            _set(
+                "api",
+                value={"tokens": {"ann": {"hash": "sha256:" + "0" * 64, "role": "viewer", "tenants": ["x"]}}},
+            ),
+            "api.tokens.ann.tenants",
+            "unknown tenant 'x'",
+        ),
     ],
 )
 def test_errors_name_the_key(change: Callable[[dict[str, Any]], None], key: str, message: str) -> None:
@@ -394,3 +418,19 @@ def test_schedule_interval_calendar_and_both() -> None:
     for bad in (["2:00"], ["24:00"], ["12:60"], ["noon"]):
         with pytest.raises(ValidationError):
             src(at=bad)
+
+
+def test_restore_roots_confine_targets(tmp_path: Path) -> None:
+    root = tmp_path / "roots" / "r"
+    root.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "escape").symlink_to(tmp_path / "elsewhere")
+    cfg = parse_config({**base(), "restore": {"roots": [str(root)]}})
+    assert cfg.restore.check_target(root / "new" / "dir") == root / "new" / "dir"
+    assert cfg.restore.check_target(root) == root
+    for bad in (tmp_path / "elsewhere", root / ".." / "x", root / "escape" / "t", tmp_path / "roots" / "rx"):
+        with pytest.raises(ConfigError, match="outside the restore roots") as exc:
+            cfg.restore.check_target(bad)
+        assert exc.value.fields["key"] == "restore.roots"
+    # no roots: anywhere (the CLI's default), made absolute
+    assert parse_config(base()).restore.check_target(tmp_path / "a" / ".." / "b") == tmp_path / "b"

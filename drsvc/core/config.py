@@ -432,8 +432,94 @@ class PruneConfig(_Model):
     repack_waste: float = Field(default=0.25, ge=0, le=1)  # repack a partly used pack above this unused share
 
 
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # each role may do what the ones before it may
+
+
+class TokenConfig(_Model):
+    """One API bearer token, stored as a hash: `drsvc token new` prints the token once and this entry."""
+
+    hash: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]  # "sha256:" + hex SHA-256 of the token
+    role: Role
+    tenants: tuple[str, ...] = Field(default=("*",), min_length=1)  # tenant names, or "*" for every tenant
+
+
+class ApiConfig(_Model):
+    """The HTTP API under /v1 on the daemon's listener (drsvc/api/)."""
+
+    # [api.tokens.<name>]: the name is who made a request, in the audit log
+    tokens: dict[Annotated[str, Field(pattern=_NAME)], TokenConfig] = {}
+    tokens_file: Path | None = None  # a TOML file of more [tokens.<name>] tables, re-read on SIGHUP
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the listener speaks HTTPS only
+    tls_key: Path | None = None
+    max_restores: int = Field(default=2, ge=1, le=64)  # restore and drill jobs running at once
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise _KeyError("api.tls_key" if self.tls_key is None else "api.tls_cert", "give both or neither")
+        return self
+
+
+class RestoreConfig(_Model):
+    """Where restores may write. Empty: the CLI restores anywhere, the API refuses every restore."""
+
+    roots: tuple[Path, ...] = ()  # absolute directories; a restore target must lie inside one of them
+
+    @field_validator("roots")
+    @classmethod
+    def _absolute(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
+        for root in v:
+            if not root.is_absolute():
+                raise ValueError(f"restore root {str(root)!r} is not an absolute path")
+        return v
+
+    def check_target(self, target: Path) -> Path:
+        """`target` made absolute with every symlink resolved, if it lies inside a root (or no roots are
+        set); else ConfigError naming the target and the roots. A target that does not exist yet is judged
+        by its nearest existing ancestor, so a symlink on the way cannot lead out of the roots."""
+        resolved = Path(os.path.realpath(target))
+        if not self.roots:
+            return resolved
+        for root in self.roots:
+            if resolved.is_relative_to(os.path.realpath(root)):
+                return resolved
+        raise ConfigError(
+            f"restore target {str(target)!r} (resolved: {str(resolved)!r}) is outside the restore roots "
+            f"{', '.join(map(str, self.roots))}",
+            key="restore.roots",
+        )
+
+
+class AuditConfig(_Model):
+    """The audit log of mutating API requests (drsvc/audit.py): append-only, hash-chained."""
+
+    dir: Path | None = None  # default: <state.dir>/audit
+    keep: Duration = 180 * 86400.0  # at least 180 days (MLPS level 3)
+    hash: Literal["sha256", "sm3"] = "sha256"
+    # the tenant whose repository holds the sealed copies of the log, at every site of that tenant
+    tenant: str | None = None
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: float) -> float:
+        if v < 180 * 86400.0:
+            raise ValueError(f"audit records must be kept at least 180 days (180d); got {v / 86400:g} days")
+        return v
+
+
+class DrillConfig(_Model):
+    """DR drills (drsvc/drill/)."""
+
+    dir: Path | None = None  # reports (JSON and HTML) and scratch restores; default: <state.dir>/drills
+
+
 class Config(_Model):
     state: StateConfig
+    api: ApiConfig = ApiConfig()
+    restore: RestoreConfig = RestoreConfig()
+    audit: AuditConfig = AuditConfig()
+    drill: DrillConfig = DrillConfig()
     daemon: DaemonConfig = DaemonConfig()
     scrub: ScrubConfig = ScrubConfig()
     prune: PruneConfig = PruneConfig()
@@ -444,6 +530,12 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
+        if self.audit.tenant is not None and self.audit.tenant not in self.tenants:
+            raise _KeyError("audit.tenant", f"unknown tenant {self.audit.tenant!r}")
+        for name, tok in self.api.tokens.items():
+            for t in tok.tenants:
+                if t != "*" and t not in self.tenants:
+                    raise _KeyError(f"api.tokens.{name}.tenants", f"unknown tenant {t!r}")
         for name, src in self.sources.items():
             if src.tenant not in self.tenants:
                 raise _KeyError(f"sources.{name}.tenant", f"unknown tenant {src.tenant!r}")
@@ -491,12 +583,15 @@ class _KeyError(ValueError):
         self.key = key
 
 
+_PATH_KEYS = ("path", "dir", "file", "keyfile", "tokens_file", "tls_cert", "tls_key")
+
+
 def _resolve(base: Path, data: Any) -> Any:
     """Make relative paths in the config relative to the config file's directory."""
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
-            if k in ("path", "dir", "file", "keyfile") and isinstance(v, str) and not os.path.isabs(v):
+            if k in _PATH_KEYS and isinstance(v, str) and not os.path.isabs(v):
                 out[k] = str(base / v)
             else:
                 out[k] = _resolve(base, v)

@@ -50,6 +50,8 @@ class ObjectType(enum.IntEnum):
     PRUNE = 5
     SEGMENT = 6
     WAL = 7
+    AUDIT = 8
+    DRILL = 9
 
 
 class BlobType(enum.IntEnum):

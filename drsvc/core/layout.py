@@ -12,6 +12,8 @@ keyed tag so that a site learns nothing from a listing.
     <tenant>/prune/<id>                     a sealed prune marker (packs condemned, awaiting deletion)
     <tenant>/logs/<source tag>/<name>       a sealed change-log segment of a log source
     <tenant>/wal/<source tag>/<wal name>    a sealed WAL file of a postgres source (PostgreSQL's own name)
+    <tenant>/audit/<name>                   a sealed batch of the API's audit log (in the audit tenant only)
+    <tenant>/drills/<id>                    a sealed DR drill report (evidence)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Kind(enum.Enum):
     PRUNE = "prune"
     SEGMENT = "logs"
     WAL = "wal"
+    AUDIT = "audit"
+    DRILL = "drills"
 
 
 _PER_SOURCE = (Kind.SNAPSHOT, Kind.SEGMENT, Kind.WAL)
@@ -116,7 +120,7 @@ class Layout:
                 return Handle(kind, parts[3])
             if kind in _PER_SOURCE and len(parts) == 4:
                 return Handle(kind, parts[3], parts[2])
-            if kind in (Kind.KEY, Kind.INDEX, Kind.PRUNE) and len(parts) == 3:
+            if kind in (Kind.KEY, Kind.INDEX, Kind.PRUNE, Kind.AUDIT, Kind.DRILL) and len(parts) == 3:
                 return Handle(kind, parts[2])
         except (ValueError, IndexError) as exc:
             raise RepositoryError(f"not an object of this repository: {exc}", key=key) from None

@@ -1,0 +1,1 @@
+"""The audit log of mutating API requests: append-only, hash-chained, kept, replicated sealed."""

@@ -1,0 +1,1 @@
+"""Jobs (restores, drills) run by the daemon under a concurrency limit, their state kept in SQLite."""

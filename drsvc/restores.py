@@ -1,0 +1,1 @@
+"""Restore requests: validation, dry-run plans, and the restore job with its RPO/RTO verdict."""
