@@ -406,7 +406,7 @@ class App:
         `site` is read first and the others only on failure; with `isolate`, `site` alone (a drill's
         simulated loss of the other sites). The target must lie inside ``[restore] roots`` when set."""
         sc = self.config.source(source)
-        target = self.config.restore.check_target(target)
+        self.config.restore.check_target(target)
         if isolate and site is None:
             raise ConfigError("an isolated restore needs a site", key="site")
         if sc.type == "postgres":
