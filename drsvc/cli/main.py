@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from drsvc.core.errors import (
     ConfigError,
@@ -16,11 +15,14 @@ from drsvc.core.errors import (
     TransientStoreError,
 )
 
-# argparse, asyncio and the verbs are imported only past wal_fast.dispatch: `drsvc wal-push` runs once per
-# WAL segment and starts in a tenth of the time without them
+# argparse, asyncio, typing and the verbs are imported only past wal_fast.dispatch: `drsvc wal-push` runs
+# once per WAL segment and starts in a tenth of the time without them (mypy takes any name TYPE_CHECKING for
+# true)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Coroutine
+    from typing import Any
 
     Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 

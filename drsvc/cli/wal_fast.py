@@ -114,7 +114,18 @@ def run_push(config: str, source: str, path: str) -> int:
 
 def state_dir(config: str, source: str) -> str:
     """`state.dir` of the config (relative to the config file's directory), after checking that `source`
-    is a postgres source. Only these keys are read: `drsvc config check` and the daemon check the rest."""
+    is a postgres source. Only these keys are read: `drsvc config check` and the daemon check the rest.
+    The answer is cached per user and config file (see ``_cache_path``) while the file is unchanged: parsing
+    TOML costs a push about a sixth of its time."""
+    try:
+        st = os.stat(config)
+    except OSError as exc:
+        raise pgwal.WalPushError(f"cannot read the config file: {exc.strerror}", key=config) from None
+    stamp = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+    cache = _cache_path(config)
+    cached = _read_cache(cache, stamp) if cache is not None else None
+    if cached is not None and source in cached[1]:
+        return cached[0]
     import tomllib
 
     try:
@@ -124,15 +135,79 @@ def state_dir(config: str, source: str) -> str:
         raise pgwal.WalPushError(f"cannot read the config file: {exc.strerror}", key=config) from None
     except tomllib.TOMLDecodeError as exc:
         raise pgwal.WalPushError(f"the config file is not valid TOML: {exc}", key=config) from None
-    src = data.get("sources", {}).get(source)
+    sources = data.get("sources", {})
+    src = sources.get(source) if isinstance(sources, dict) else None
     if not isinstance(src, dict):
         raise pgwal.WalPushError(f"no source {source!r} in the config", key="sources")
     if src.get("type") != "postgres":
         raise pgwal.WalPushError(f"source {source!r} is not a postgres source", key=f"sources.{source}.type")
     d = data.get("state", {}).get("dir")
-    if not isinstance(d, str) or not d:
+    if not isinstance(d, str) or not d or "\n" in d:
         raise pgwal.WalPushError("the config sets no state.dir", key="state.dir")
-    return os.path.join(os.path.dirname(os.path.abspath(config)), d)
+    result = os.path.join(os.path.dirname(os.path.abspath(config)), d)
+    if cache is not None:
+        names = [n for n, v in sources.items() if isinstance(v, dict) and v.get("type") == "postgres"]
+        _write_cache(cache, "\n".join([stamp, result, *names]) + "\n")
+    return result
+
+
+CACHE_ROOT = "/tmp"
+
+
+def _cache_path(config: str) -> str | None:
+    """``/tmp/drsvc-<uid>/<config path, / as %>``, in a directory only this user may use (created 0700 if
+    absent); None when there is none to be had (then every push parses the config)."""
+    d = os.path.join(CACHE_ROOT, f"drsvc-{os.geteuid()}")
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return None
+    if not (st.st_mode & 0o170000 == 0o040000 and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0):
+        return None  # not a directory of ours, or others may write it: trust nothing in it
+    name = os.path.abspath(config).replace("%", "%25").replace("/", "%")
+    return os.path.join(d, name) if len(name) <= 200 else None
+
+
+def _read_cache(path: str, stamp: str) -> tuple[str, list[str]] | None:
+    """(state dir, postgres sources) if the cache was written for the config file as it is now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return None
+        lines = os.read(fd, 65536).decode("utf-8", "replace").split("\n")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(lines) < 3 or lines[0] != stamp or lines[-1] != "":
+        return None
+    return lines[1], lines[2:-1]
+
+
+def _write_cache(path: str, text: str) -> None:
+    """Best effort, atomically (temp file and rename); a cache needs no fsync."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 # ---- wal-fetch, from the prefetch cache -------------------------------------------------------------

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
+
+# `typing` and `pathlib` are not imported at run time: `drsvc wal-push` (pgwal) imports this module on every
+# call (mypy takes any name TYPE_CHECKING for true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -36,7 +40,7 @@ def make_dirs(path: Path, fsync: bool = True) -> None:
 def write_file(path: Path, data: bytes | memoryview, fsync: bool = True, mode: int = 0o600) -> None:
     """Write to a temporary name in the same directory, fsync, rename into place, fsync the directory."""
     make_dirs(path.parent, fsync)
-    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    tmp = path.parent / f"{TMP_PREFIX}{os.urandom(16).hex()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:

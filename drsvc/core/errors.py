@@ -6,7 +6,11 @@ hint saying what to do about it. The CLI maps the subtrees to exit codes; the AP
 
 from __future__ import annotations
 
-from typing import Any
+# no `typing` at run time: `drsvc wal-push` imports this module on every call (mypy takes any name
+# TYPE_CHECKING for true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class DRError(Exception):
