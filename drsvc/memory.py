@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
+import sys
+import types
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -29,3 +32,19 @@ def tune_allocator(mmap_threshold: int = 4 * 1024 * 1024, arenas: int = 2) -> bo
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_ARENA_MAX, arenas))
+
+
+def lazy_module(name: str) -> types.ModuleType:
+    """`name` imported on first attribute access rather than now (importlib's LazyLoader recipe), for a big
+    module that a command needs only late, past its own peak of memory."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no module named {name!r}", name=name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module

@@ -37,10 +37,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from drsvc.app import App
 from drsvc.core import crypto, format
@@ -57,11 +54,20 @@ from drsvc.core.layout import Handle, Kind
 from drsvc.core.outbox import Outbox
 from drsvc.core.repository import BlobLocation, Repository, dctx, gather_limited, new_id
 from drsvc.core.stores import ObjectStore
+from drsvc.memory import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+else:
+    # Loaded on first use, after the repository is open: unwrapping its key from a passphrase takes scrypt's
+    # 32 MiB for a moment, and numpy's 10 MiB need not sit under that peak (benchmarks/prune.py, history case)
+    np = lazy_module("numpy")
 
 log = logging.getLogger("drsvc.prune")
 
 ID = 16  # bytes of a blob id kept as its identity here: 128 bits, like a UUID
-_IDS = np.dtype(f"S{ID}")
+_IDS = f"S{ID}"  # numpy's dtype: ID raw bytes
 SPAN_GAP = 1024 * 1024  # tree reads: join ranges of one pack closer than this ...
 SPAN_MAX = 2 * 1024 * 1024  # ... into reads of at most this (READS_AT_ONCE of them in flight)
 NS = 1_000_000_000
