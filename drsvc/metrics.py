@@ -8,14 +8,22 @@
    protected_until values; the supervisor calls it on each tick and before a scrape is served.
 4. ``remove_source`` / ``remove_site`` / ``remove_tenant`` drop every label set of a source, site or tenant
    on a config reload, so a removed source stops showing a growing RPO.
-5. ``render()`` returns the exposition body and its content type for the HTTP endpoint.
+5. Drills run outside the daemon (a systemd timer runs `drsvc drill`), so their gauges come from the newest
+   report on disk: ``watch_drill_report(<drill dir>/last.json)`` names the file, and ``render()`` re-reads it
+   when it changed (stat per scrape, read only when its mtime, size or inode moved). ``drill_report(report)``
+   sets the same gauges from a report in hand.
+6. ``render()`` returns the exposition body and its content type for the HTTP endpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
+import os
 from importlib import metadata
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,7 +53,7 @@ def _package_version() -> str:
 class Metrics:
     """Every metric family of one daemon; the helpers are the only way to change a value."""
 
-    def __init__(self, version: str | None = None) -> None:
+    def __init__(self, version: str | None = None, drill_report: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         src = ("tenant", "source")
@@ -207,6 +215,35 @@ class Metrics:
             registry=r,
         )
 
+        self._drill_last = Gauge(
+            "drsvc_drill_last_timestamp_seconds",
+            "Unix time the newest DR drill finished (0: no drill report yet)",
+            registry=r,
+        )
+        self._drill_success = Gauge(
+            "drsvc_drill_last_success",
+            "1: the newest DR drill passed (every target met, all verified); 0: it failed, or none ran",
+            registry=r,
+        )
+        self._drill_level = Gauge(
+            "drsvc_drill_level",
+            "GB/T 20988-2007 level (0-6) the newest drill's measured RTO and RPO are consistent with",
+            registry=r,
+        )
+        drill_labels = ("source", "site", "point")
+        self._drill_rto = Gauge(
+            "drsvc_drill_rto_seconds",
+            "RTO achieved by the newest drill's restore of the source from the site alone",
+            drill_labels,
+            registry=r,
+        )
+        self._drill_rpo = Gauge(
+            "drsvc_drill_rpo_seconds",
+            "RPO achieved by the newest drill's restore: requested point minus restored point",
+            drill_labels,
+            registry=r,
+        )
+
         self._build = Gauge(
             "drsvc_build_info", "Always 1; the label carries the version", ("version",), registry=r
         )
@@ -217,6 +254,11 @@ class Metrics:
         self._sources: set[tuple[str, str]] = set()
         self._error_kinds: dict[str, set[str]] = {}
         self._scrub_labels: set[tuple[str, str, str]] = set()  # (tenant, site, kind) of findings
+        # (source, site, point) label sets of the drill RTO ("rto_s") and RPO ("rpo_s") gauges
+        self._drill_labels: dict[str, set[tuple[str, str, str]]] = {"rto_s": set(), "rpo_s": set()}
+        self._drill_path: Path | None = None
+        self._drill_seen: tuple[int, int, int] | None = None  # (mtime_ns, size, inode) of the file read
+        self.watch_drill_report(drill_report)
 
     # -- sources ---------------------------------------------------------------------------------------------
 
@@ -385,6 +427,72 @@ class Metrics:
             else:
                 self._scrub_repairs.remove(tenant, site)
 
+    # -- drills ----------------------------------------------------------------------------------------------
+
+    def watch_drill_report(self, path: Path | None) -> None:
+        """Take the drill gauges from `path` (``<drill dir>/last.json``) at each render; None stops."""
+        if path != self._drill_path:
+            self._drill_path, self._drill_seen = path, None
+            self._clear_drill()
+
+    def update_drill(self) -> None:
+        """Re-read the watched report if it changed since the last read; a missing file clears the drill
+        gauges, an unreadable one leaves them as they were."""
+        if self._drill_path is None:
+            return
+        try:
+            st = os.stat(self._drill_path)
+        except OSError:
+            self._drill_seen = None
+            self._clear_drill()
+            return
+        seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if seen == self._drill_seen:
+            return
+        try:
+            report = json.loads(self._drill_path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(report, dict):
+            self._drill_seen = seen
+            self.drill_report(report)
+
+    def drill_report(self, report: dict[str, Any]) -> None:
+        """Set the drill gauges from one report (the contract of drsvc/drill/report.py); series of sources,
+        sites or points the report does not have are dropped."""
+        finished = _epoch(report.get("finished"))
+        self._drill_last.set(finished if finished is not None else 0.0)
+        self._drill_success.set(1 if report.get("verdict") == "pass" else 0)
+        level = report.get("level")
+        number = level.get("gbt20988") if isinstance(level, dict) else None
+        self._drill_level.set(number if isinstance(number, int) and not isinstance(number, bool) else 0)
+        values: dict[str, dict[tuple[str, str, str], float]] = {"rto_s": {}, "rpo_s": {}}
+        for sc in report.get("scenarios") or []:
+            if not isinstance(sc, dict):
+                continue
+            labels = (str(sc.get("source", "")), str(sc.get("site", "")), str(sc.get("point", "")))
+            for field, into in values.items():
+                value = sc.get(field)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    into[labels] = max(float(value), into.get(labels, float("-inf")))  # the worst of repeats
+        for field, family in (("rto_s", self._drill_rto), ("rpo_s", self._drill_rpo)):
+            new = values[field]
+            for labels in self._drill_labels[field] - new.keys():
+                with contextlib.suppress(KeyError):
+                    family.remove(*labels)
+            for labels, value in new.items():
+                family.labels(*labels).set(value)
+            self._drill_labels[field] = set(new)
+
+    def _clear_drill(self) -> None:
+        for field, family in (("rto_s", self._drill_rto), ("rpo_s", self._drill_rpo)):
+            for labels in self._drill_labels[field]:
+                with contextlib.suppress(KeyError):
+                    family.remove(*labels)
+            self._drill_labels[field] = set()
+        for gauge in (self._drill_last, self._drill_success, self._drill_level):
+            gauge.set(0)
+
     # -- spool and exposition --------------------------------------------------------------------------------
 
     def spool(self, used: int, quota: int, full: bool | None = None) -> None:
@@ -396,5 +504,17 @@ class Metrics:
         self._spool_full.set(1 if full else 0)
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition of this registry and its content type."""
+        """The text exposition of this registry and its content type (the drill gauges re-read first)."""
+        self.update_drill()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _epoch(iso: object) -> float | None:
+    """Unix seconds of an ISO 8601 time (UTC when it names no zone), None if it is not one."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()

@@ -1,4 +1,8 @@
-"""drsvc restore SOURCE --at latest|TIME --to DIR [--site NAME]."""
+"""drsvc restore SOURCE --at latest|TIME --to DIR [--site NAME] [--json].
+
+Progress goes to stderr while the restore runs (a bar on a terminal, plain lines otherwise, nothing with
+--json); the result goes to stdout afterwards.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from drsvc.app import App
 from drsvc.cli.main import EXIT_INTEGRITY
+from drsvc.cli.progress import ProgressReporter
 from drsvc.cli.render import emit_json, err, out, parse_time, size, when
 from drsvc.core.config import load_config
 from drsvc.core.errors import ConfigError
@@ -30,8 +35,10 @@ async def run(args: argparse.Namespace) -> int:
         at = parse_time(args.at)
     except ValueError as exc:
         raise ConfigError(str(exc), key="--at") from None
-    async with App(load_config(args.config)) as app:
-        r = await app.restore(args.source, args.to, at, args.site)
+    config = load_config(args.config)
+    with ProgressReporter.for_cli(as_json=args.json, label=f"restore {args.source}") as progress:
+        async with App(config) as app:
+            r = await app.restore(args.source, args.to, at, args.site, progress=progress)
     if isinstance(r, LogRestoreResult):
         return _log_result(r, at, args.json)
     if isinstance(r, PostgresRestoreResult):
