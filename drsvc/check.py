@@ -4,7 +4,8 @@
 2. Load every index at the site; every pack an index names must exist there.
 3. Every snapshot record at the site must decode, and every tree and chunk it reaches must be in the index.
 4. With ``read_data``: download every pack, authenticate its header, compare it with the index, and verify
-   every blob (AEAD tag, length, keyed content id).
+   every blob (AEAD tag, length, keyed content id); and every audit batch and drill report (evidence), which
+   must authenticate as what its name says (``verify_evidence``).
 Problems name the site and the object; nothing is repaired here (the scrubber repairs).
 """
 
@@ -14,7 +15,9 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from drsvc.core import format
+from drsvc.audit import open_batch
+from drsvc.core import crypto, format
+from drsvc.core.crypto import Keys, ObjectType
 from drsvc.core.errors import DRError, IntegrityError
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import BlobLocation, Repository
@@ -27,6 +30,7 @@ class SiteCheck:
     snapshots: int = 0
     packs: int = 0
     blobs: int = 0
+    evidence: int = 0  # audit batches and drill reports
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -89,6 +93,8 @@ async def check_site(
                     if c not in index:
                         res.problems.append(f"snapshot {rec.id[:16]}: chunk {c.hex()[:16]} is in no index")
 
+    evidence = [h for kind in (Kind.AUDIT, Kind.DRILL) for h in await repo.list_handles(kind)]
+    res.evidence = len(evidence)
     res.problems.extend(
         f"stray object {k.split(': ', 1)[1]} (not of this repository)" for k in repo.report.stray_keys
     )
@@ -114,7 +120,29 @@ async def check_site(
                 progress(pack)
 
         await asyncio.gather(*(verify(p, e) for p, e in indexed_packs.items() if p in packs_at_site))
+
+        async def verify_one(h: Handle) -> None:
+            async with sem:
+                try:
+                    data = await store.get(repo.layout.key(h))
+                    res.bytes_read += len(data)
+                    await asyncio.to_thread(verify_evidence, repo.keys, h, data)
+                except DRError as exc:
+                    res.problems.append(f"{h}: {exc.message}")
+
+        await asyncio.gather(*(verify_one(h) for h in evidence))
     return res
+
+
+def verify_evidence(keys: Keys, h: Handle, data: bytes) -> None:
+    """An audit batch (it opens as the batch its name says) or a drill report (it authenticates as a sealed
+    object of type 9 under its name). IntegrityError otherwise."""
+    if h.kind is Kind.AUDIT:
+        open_batch(keys, h.name, data)
+    elif h.kind is Kind.DRILL:
+        crypto.open_object(keys, ObjectType.DRILL, h.name, data)
+    else:
+        raise ValueError(f"not evidence: {h}")
 
 
 def verify_pack(repo: Repository, pack: str, data: bytes, indexed: list[format.BlobEntry]) -> None:

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     from drsvc.cli import (
+        audit_cmd,
         check_cmd,
         config_cmd,
         forget_cmd,
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         keys_cmd,
         config_cmd,
         wal_cmd,
+        audit_cmd,
     )
     for mod in verbs:
         mod.register(sub)

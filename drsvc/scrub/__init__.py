@@ -1,8 +1,9 @@
 """Scrubbing a tenant repository at every site, and repairing each site from the others.
 
-1. Inventory: list each site of the tenant: prune markers (read at once), then change-log segments and WAL
-   objects, snapshot records, indexes and packs (the reverse of the shipping order, so what a listed object
-   names was at that site before it was listed), key slots and config. A site that cannot be listed, or
+1. Inventory: list each site of the tenant: prune markers (read at once), then change-log segments, WAL
+   objects, audit batches and drill reports, snapshot records, indexes and packs (the reverse of the
+   shipping order, so what a listed object names was at that site before it was listed), key slots and
+   config. A site that cannot be listed, or
    holds nothing at all (an NFS mount that is not mounted: never filled), is a finding and is left out; a
    key that is not of our layout is stray.
 2. Expectations. A site must hold the config and every key slot; the records of every source whose copy
@@ -13,18 +14,21 @@
    unread, as extra). Packs a prune marker condemns, and indexes naming them, belong to that prune: neither
    spread nor rewritten, and an index a record lists that is present nowhere is no finding (prune replaces
    indexes). Records, segments and WAL of a source tag no configured source has stay where they are (extra).
-   A pack nothing expects at a site is extra (reported, never deleted). A copy this host's outbox has still
-   to ship to a site is in flight there, not missing.
+   A pack nothing expects at a site is extra (reported, never deleted). Audit batches and drill reports
+   (evidence) belong at every site of the tenant. A copy this host's outbox has still to ship to a site is
+   in flight there, not missing.
 3. Verification. Every copy of every record, key slot and config is read (they are small); of indexes,
-   packs, segments and WAL objects, a share chosen by a stable hash of the name from a cursor kept under the
-   state dir, so successive runs cover all of them. Always read: every copy of an object whose copies differ
-   in size or that the last run left damaged (so an alert stays until the damage is gone), and one good copy
-   of an object a site lacks. A pack verifies when its sealed header authenticates, agrees with the index and
-   every blob verifies (``drsvc.check.verify_pack``); a copy whose size differs from one that verified is
-   damaged unread. A segment or WAL object verifies when it opens and decodes as its name and source's.
-4. Repair, in shipping order (config and key slots, packs, segments and WAL, indexes, records): write the
-   bytes of a copy that verified (indexes and records are fetched and verified again just before), then
-   stat the written copy.
+   packs, segments, WAL objects and evidence, a share chosen by a stable hash of the name from a cursor kept
+   under the state dir, so successive runs cover all of them. Always read: every copy of an object whose
+   copies differ in size or that the last run left damaged (so an alert stays until the damage is gone), and
+   one good copy of an object a site lacks. A pack verifies when its sealed header authenticates, agrees
+   with the index and every blob verifies (``drsvc.check.verify_pack``); a copy whose size differs from one
+   that verified is damaged unread. A segment or WAL object verifies when it opens and decodes as its name
+   and source's; an audit batch or a drill report when it authenticates as what its name says
+   (``drsvc.check.verify_evidence``).
+4. Repair, in shipping order (config and key slots, packs, segments and WAL, evidence, indexes, records):
+   write the bytes of a copy that verified (indexes and records are fetched and verified again just
+   before), then stat the written copy.
 5. An object no site holds intact is unrecoverable; the report names what it breaks: for a pack, the
    snapshots whose trees reach a blob that no copy holds intact, in this pack or any other; for a segment,
    the restores of its source after its first event (until a newer stream starts); for a WAL file,
@@ -34,10 +38,10 @@
    a few at a time.
 
 Modules, in the order a run uses them: ``inventory`` (1), then by kind of object ``keys`` (config and key
-slots), ``records``, ``indexes``, ``packs`` and ``changelog`` (segments and WAL) (2-4), ``breaks`` (5, and
-the alert). ``engine`` holds a run's state and reads, verifies and repairs one object; ``verify`` checks one
-copy of the small objects, segments and WAL; ``report`` holds what a run returns and ``state`` what it keeps
-between runs (6).
+slots), ``records``, ``indexes``, ``packs``, ``changelog`` (segments and WAL) and ``evidence`` (audit
+batches, drill reports) (2-4), ``breaks`` (5, and the alert). ``engine`` holds a run's state and reads,
+verifies and repairs one object; ``verify`` checks one copy of the small objects, segments and WAL;
+``report`` holds what a run returns and ``state`` what it keeps between runs (6).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from drsvc.scrub.breaks import alert, name_breaks
 from drsvc.scrub.changelog import read_changelogs
 from drsvc.scrub.engine import PACKS_AT_ONCE as PACKS_AT_ONCE
 from drsvc.scrub.engine import SMALL_AT_ONCE, Scrub
+from drsvc.scrub.evidence import read_evidence
 from drsvc.scrub.indexes import read_indexes
 from drsvc.scrub.inventory import LISTED as LISTED
 from drsvc.scrub.inventory import open_repository, take_inventory
@@ -133,6 +138,7 @@ async def _run(s: Scrub) -> ScrubReport:
     packs = await read_indexes(s, records)
     await read_packs(s, packs)
     await read_changelogs(s, records)
+    await read_evidence(s)
     for kind in (Kind.INDEX, Kind.SNAPSHOT):  # after the packs: a record at a site implies the rest
         objs = s.of_kind(kind)
         await gather_limited(SMALL_AT_ONCE, [functools.partial(s.repair_copies, o, None) for o in objs])

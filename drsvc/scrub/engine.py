@@ -1,8 +1,9 @@
 """One scrub run's state, and the reading, verifying and repairing of one object at every site.
 
-The phases (``inventory``, ``keys``, ``records``, ``indexes``, ``packs``, ``breaks``) are functions of a
-`Scrub`: they fill its objects, set where each belongs (`Scrub.expect`), read copies (`Scrub.read`) and
-write verified bytes where a copy is missing or bad (`Scrub.repair_copies`); findings go to its report.
+The phases (``inventory``, ``keys``, ``records``, ``indexes``, ``packs``, ``changelog``, ``evidence``,
+``breaks``) are functions of a `Scrub`: they fill its objects, set where each belongs (`Scrub.expect`), read
+copies (`Scrub.read`) and write verified bytes where a copy is missing or bad (`Scrub.repair_copies`);
+findings go to its report.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from drsvc.app import App
-from drsvc.check import verify_pack
+from drsvc.check import verify_evidence, verify_pack
 from drsvc.core.errors import DRError, ObjectNotFound, StoreError, TransientStoreError
 from drsvc.core.format import BlobEntry
 from drsvc.core.layout import Handle, Kind, Layout
@@ -294,6 +295,8 @@ class Scrub:
             return lambda b: verify_segment(self.repo, o.handle, b)
         if kind is Kind.WAL:
             return lambda b: verify_wal(self.repo, o.handle, b, self.tags.get(o.handle.source_tag))
+        if kind in (Kind.AUDIT, Kind.DRILL):
+            return lambda b: verify_evidence(self.repo.keys, o.handle, b)
         entries = list(self.pack_entries[name].entries.values())
         return lambda b: verify_pack(self.repo, name, b, entries)
 

@@ -23,9 +23,20 @@ from drsvc.core.segments import SegmentName
 from drsvc.scrub.engine import Scrub, ScrubObject, label
 from drsvc.scrub.report import FindingKind
 
-# prune markers first; the change logs (segments, WAL), which no other object names; then the reverse of the
-# shipping order
-LISTED = (Kind.PRUNE, Kind.SEGMENT, Kind.WAL, Kind.SNAPSHOT, Kind.INDEX, Kind.PACK, Kind.KEY, Kind.CONFIG)
+# prune markers first; the change logs (segments, WAL) and the evidence (audit batches, drill reports), which
+# no other object names; then the reverse of the shipping order
+LISTED = (
+    Kind.PRUNE,
+    Kind.SEGMENT,
+    Kind.WAL,
+    Kind.AUDIT,
+    Kind.DRILL,
+    Kind.SNAPSHOT,
+    Kind.INDEX,
+    Kind.PACK,
+    Kind.KEY,
+    Kind.CONFIG,
+)
 
 
 async def take_inventory(s: Scrub) -> None:
