@@ -7,11 +7,15 @@
    A check that raises counts as not alive / not ready, with the error as the reason.
 4. ``GET /metrics`` refreshes every RPO gauge from the clock, then renders the registry.
 5. Unknown paths answer 404 ``{"error": "not found", "path": ...}``; wrong methods 405 in the same shape.
-6. ``serve(app, host, port)`` starts a TCP site and returns the runner; the caller calls ``runner.cleanup()``.
+6. ``make_app(..., api=sub)`` mounts the API application (built by the daemon from ``drsvc.api``, a layer
+   above this one) under ``/v1``; it has its own middlewares (auth, audit, errors in the API's shape).
+7. ``serve(app, host, port, ssl_context=...)`` starts a TCP (with a context: TLS-only) site and returns
+   the runner; the caller calls ``runner.cleanup()``.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +57,18 @@ HEALTH_KEY = web.AppKey[Health]("drsvc_health")
 CLOCK_KEY = web.AppKey[Callable[[], float]]("drsvc_clock")
 
 
-def make_app(metrics: Metrics, health: Health, *, clock: Callable[[], float] = time.time) -> web.Application:
-    """The HTTP application; each scrape computes RPO gauges against ``clock()`` (Unix seconds)."""
+API_PREFIX = "/v1"
+
+
+def make_app(
+    metrics: Metrics,
+    health: Health,
+    *,
+    clock: Callable[[], float] = time.time,
+    api: web.Application | None = None,
+) -> web.Application:
+    """The HTTP application; each scrape computes RPO gauges against ``clock()`` (Unix seconds). ``api``,
+    when given, is mounted under ``/v1``."""
     app = web.Application(middlewares=[_json_errors])
     app[METRICS_KEY] = metrics
     app[HEALTH_KEY] = health
@@ -62,6 +76,8 @@ def make_app(metrics: Metrics, health: Health, *, clock: Callable[[], float] = t
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    if api is not None:
+        app.add_subapp(API_PREFIX, api)
     return app
 
 
@@ -104,16 +120,19 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return web.json_response(body, status=405, headers={"Allow": ",".join(sorted(exc.allowed_methods))})
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start ``app`` on ``host:port`` (port 0: any free port, see ``runner.addresses``); caller cleans up."""
+async def serve(
+    app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Start ``app`` on ``host:port`` (port 0: any free port, see ``runner.addresses``), over TLS with
+    ``ssl_context``; the caller cleans up."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise
     return runner
 
 
-__all__ = ["Health", "HealthChecks", "make_app", "parse_listen", "serve"]
+__all__ = ["API_PREFIX", "Health", "HealthChecks", "make_app", "parse_listen", "serve"]

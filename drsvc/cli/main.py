@@ -32,6 +32,7 @@ EXIT_USAGE = 2  # bad arguments or config
 EXIT_INTEGRITY = 3  # check found problems, or data failed verification
 EXIT_NOT_PROTECTED = 4  # fewer than min_copies sites hold the result
 EXIT_KEY = 5  # wrong passphrase or key file
+EXIT_DRILL_FAILED = 6  # a drill missed a target or a scenario failed (the report names each)
 EXIT_TEMPFAIL = 75  # a site is unreachable: try again later (sysexits EX_TEMPFAIL)
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         audit_cmd,
         check_cmd,
         config_cmd,
+        drill_cmd,
         forget_cmd,
         init_cmd,
         keys_cmd,
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         scrub_cmd,
         snapshot_cmd,
         status_cmd,
+        token_cmd,
         wal_cmd,
     )
 
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         keys_cmd,
         config_cmd,
         wal_cmd,
+        token_cmd,
+        drill_cmd,
         audit_cmd,
     )
     for mod in verbs:

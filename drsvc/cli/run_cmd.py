@@ -2,7 +2,9 @@
 
 READY=1 after start-up; STATUS= each tick; WATCHDOG=1 only while the supervisor makes progress. SIGTERM (and
 SIGINT) stop intake, drain uploads within daemon.drain_timeout, persist state and exit 0. SIGHUP reloads the
-config: an invalid one is refused with a log line and the running one stays.
+config: an invalid one is refused with a log line and the running one stays; the API's tokens (and tokens
+file) and TLS certificate are read again either way. The API (/v1, ``DaemonApi``) lives across reloads: its
+jobs keep running; while the supervisor restarts it answers 503.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from drsvc.core.errors import DRError
 from drsvc.http import HealthChecks, make_app, parse_listen, serve
 from drsvc.metrics import Metrics
 from drsvc.notify import Notifier, WatchdogPinger
-from drsvc.supervisor import Supervisor
+from drsvc.supervisor import DaemonApi, Supervisor
 
 log = logging.getLogger("drsvc.run")
 
@@ -41,6 +43,7 @@ class Daemon:
         self.pinger = WatchdogPinger.for_notifier(self.notifier)
         self.app: App | None = None
         self.supervisor: Supervisor | None = None
+        self.api: DaemonApi | None = None
         self.reload_error: str | None = None
 
     def ready(self) -> tuple[bool, list[str]]:
@@ -54,6 +57,8 @@ class Daemon:
             self.app, self.metrics, on_progress=self._progress, on_status=self._status
         )
         await self.supervisor.start()
+        if self.api is not None:
+            self.api.attach(self.supervisor)
 
     def _status(self, line: str) -> None:
         # a refused reload stays visible in `systemctl status` until a reload succeeds
@@ -64,6 +69,8 @@ class Daemon:
             self.pinger.progress()
 
     async def stop_supervisor(self) -> None:
+        if self.api is not None:
+            self.api.detach()
         if self.supervisor is not None:
             await self.supervisor.stop(self.config.daemon.drain_timeout)
         if self.app is not None:
@@ -81,6 +88,8 @@ class Daemon:
             )
             self.reload_error = exc.message[:120]
             self.notifier.status(f"reload refused: {exc}")
+            if self.api is not None:
+                self.api.reload(self.config)  # the tokens file is read again all the same
             return
         self.notifier.reloading()
         log.info("reloading", extra={"config": str(self.config_path)})
@@ -100,6 +109,8 @@ class Daemon:
             self.notifier.ready()
             return
         self.reload_error = None
+        if self.api is not None:
+            self.api.reload(new)
         for gone in {(s.tenant, n) for n, s in old.sources.items()} - {
             (s.tenant, n) for n, s in new.sources.items()
         }:
@@ -117,7 +128,14 @@ class Daemon:
                 "secret written inline in the config; use file = ... or env = ...", extra={"key": key}
             )
         host, port = parse_listen(self.config.daemon.listen)
-        runner = await serve(make_app(self.metrics, HealthChecks(lambda: True, self.ready)), host, port)
+        self.api = api = DaemonApi(self.config, self.metrics)
+        try:
+            http = make_app(self.metrics, HealthChecks(lambda: True, self.ready), api=api.web_app())
+            runner = await serve(http, host, port, ssl_context=api.tls)
+        except BaseException:
+            await api.close()
+            raise
+        await api.start()
         loop = asyncio.get_running_loop()
         stop, hup = asyncio.Event(), asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -146,6 +164,7 @@ class Daemon:
                     await self.reload(stop)
             self.notifier.stopping()
             log.info("stopping", extra={"drain_timeout": self.config.daemon.drain_timeout})
+            api.stopping = True  # the API refuses changes from now on; reads go on until the listener closes
             await self.stop_supervisor()
             log.info("stopped")
             return 0
@@ -153,7 +172,10 @@ class Daemon:
             if self.pinger is not None:
                 await self.pinger.stop()
             await self.stop_supervisor()
-            await runner.cleanup()
+            try:
+                await runner.cleanup()  # the listener first: no request finds the job store closed
+            finally:
+                await api.close()
 
 
 def _read_secrets(config: Config) -> None:
