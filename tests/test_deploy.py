@@ -1,20 +1,27 @@
-"""The files in deploy/: the example config loads, and the systemd unit says what the daemon relies on."""
+"""The files in deploy/: the example config and drill plan load, and the systemd units say what the daemon and
+the drill rely on."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from drsvc.core.config import load_config, parse_duration
+from drsvc.drill.plan import load_plan
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 EXAMPLE = DEPLOY / "drsvc.toml.example"
 UNIT = DEPLOY / "drsvc.service"
+DRILL_UNIT = DEPLOY / "drsvc-drill.service"
+DRILL_TIMER = DEPLOY / "drsvc-drill.timer"
+DRILL_PLAN = DEPLOY / "drill-plan.example.toml"
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -47,10 +54,11 @@ def one(section: dict[str, list[str]], key: str) -> str:
 
 
 def seconds(value: str) -> float:
-    """A systemd time span as the unit writes it here: '60', '60s', '1min', '5s'."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|min|m)?", value)
+    """A systemd time span as the units write it here: '60', '60s', '1min', '5s', '3h', '1d'."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|min|m|h|d)?", value)
     assert m, f"time span {value!r} not understood by this test"
-    return float(m.group(1)) * (60.0 if m.group(2) in ("min", "m") else 1.0)
+    unit = {"min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}.get(m.group(2) or "s", 1.0)
+    return float(m.group(1)) * unit
 
 
 @pytest.fixture(scope="module")
@@ -134,4 +142,121 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert done.returncode == 0, output
     # unknown keys and unparsable values are only warnings ("..., ignoring"): none may concern this unit
     mine = [line for line in output.splitlines() if "drsvc.service" in line]
+    assert not mine, "\n".join(mine)
+
+
+# -- the drill ---------------------------------------------------------------------------------------------
+
+# the daemon's sandbox and privileges, which the drill's unit must repeat exactly
+SHARED = (
+    "User",
+    "Group",
+    "UMask",
+    "StateDirectory",
+    "StateDirectoryMode",
+    "CapabilityBoundingSet",
+    "AmbientCapabilities",
+    "NoNewPrivileges",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "ProtectHostname",
+    "ProtectProc",
+    "PrivateMounts",
+    "RemoveIPC",
+    "RestrictAddressFamilies",
+    "RestrictNamespaces",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "MemoryDenyWriteExecute",
+    "SystemCallArchitectures",
+    "SystemCallFilter",
+    "SystemCallErrorNumber",
+    "EnvironmentFile",
+    "LimitNOFILE",
+)
+
+
+def test_the_drill_unit_is_a_oneshot_with_the_daemons_sandbox(service: dict[str, list[str]]) -> None:
+    unit = parse_unit(DRILL_UNIT.read_text())
+    assert {"Unit", "Service"} <= set(unit) and "Install" not in unit  # started by the timer only
+    drill = unit["Service"]
+    assert one(drill, "Type") == "oneshot"
+    start = one(drill, "ExecStart").split()
+    assert start[0] == "/opt/drsvc/.venv/bin/drsvc"
+    assert start[1:] == ["-c", "/etc/drsvc/drsvc.toml", "drill", "--plan", "/etc/drsvc/drill-plan.toml"]
+    # a failed drill must show as a failed unit: no restart loop, no exit status counted as success
+    assert "Restart" not in drill and "SuccessExitStatus" not in drill
+    assert 3600 <= seconds(one(drill, "TimeoutStartSec")) <= 7 * 86400
+    for key in SHARED:
+        assert drill.get(key) == service.get(key), key
+    assert "PYTHONUNBUFFERED=1" in drill["Environment"]
+
+
+def test_the_drill_timer_runs_monthly_and_catches_up() -> None:
+    unit = parse_unit(DRILL_TIMER.read_text())
+    timer = unit["Timer"]
+    assert one(timer, "Unit") == "drsvc-drill.service"
+    assert one(timer, "Persistent") == "true"
+    assert 0 < seconds(one(timer, "RandomizedDelaySec")) <= 12 * 3600
+    assert one(unit["Install"], "WantedBy") == "timers.target"
+    calendar = one(timer, "OnCalendar")
+    assert calendar == "monthly" or re.fullmatch(r"\*-\*-01 \d\d:\d\d(:\d\d)?", calendar), calendar
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        return
+    done = subprocess.run(
+        [tool, "calendar", "--iterations=3", calendar], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    elapses = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4})-(\d\d)-(\d\d)", done.stdout)
+    assert len(elapses) == 3 and {day for _, _, day in elapses} == {"01"}, done.stdout
+    months = [int(y) * 12 + int(m) for y, m, _ in elapses]
+    assert [b - a for a, b in itertools.pairwise(months)] == [1, 1]
+
+
+def test_the_example_plan_loads_against_the_example_config() -> None:
+    cfg = load_config(EXAMPLE)
+    plan = load_plan(DRILL_PLAN, cfg)  # ConfigError naming the key if the plan or a name in it is wrong
+    assert plan.name == "monthly"
+    assert {sp.kind for sp in plan.sources} == {"tree", "log", "postgres"}  # one example of each
+    for sp in plan.sources:
+        assert set(sp.sites) <= set(cfg.sources[sp.source].sites)
+        assert sp.rto_target_s and sp.rpo_target_s  # every scenario is judged against targets
+    assert any(sp.probes for sp in plan.sources if sp.kind == "postgres")
+    # the raw file: every [[sources]] lists its points, as the comments explain
+    raw = tomllib.loads(DRILL_PLAN.read_text())
+    assert all(entry["points"] for entry in raw["sources"])
+
+
+def test_systemd_analyze_verify_accepts_the_drill_units(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed on this machine (Debian: apt-get install systemd)")
+    text = DRILL_UNIT.read_text().replace("/opt/drsvc/.venv/bin/drsvc", sys.executable)
+    assert sys.executable in text
+    (tmp_path / "drsvc-drill.service").write_text(text)
+    (tmp_path / "drsvc-drill.timer").write_text(DRILL_TIMER.read_text())
+    done = subprocess.run(
+        [
+            tool,
+            "verify",
+            "--man=no",
+            str(tmp_path / "drsvc-drill.timer"),
+            str(tmp_path / "drsvc-drill.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    mine = [line for line in output.splitlines() if "drsvc-drill" in line]
     assert not mine, "\n".join(mine)

@@ -112,7 +112,8 @@ def test_a_push_imports_neither_typing_nor_re_nor_the_toml_parser(tmp_path: Path
     code = (
         "import sys; sys.path[:0] = [{root!r}];"
         "from drsvc.cli.main import main; rc = main(['-c', {config!r}, 'wal-push', 'pg', {path!r}]);"
-        "loaded = sorted(m for m in {heavy!r} if m in sys.modules); import json; print(json.dumps([rc, loaded]))"
+        "loaded = sorted(m for m in {heavy!r} if m in sys.modules);"
+        "import json; print(json.dumps([rc, loaded]))"
     )
     heavy = ["typing", "re", "pathlib", "uuid", "tomllib", "asyncio", "argparse", "hashlib", "pydantic"]
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
