@@ -58,6 +58,14 @@ def incoming(app: App, source: str) -> Path:
     return Path(pgwal.incoming_dir(app.config.state.dir, source))
 
 
+def _checked_site(sc: SourceConfig, source: str, site: str | None) -> str | None:
+    if site is not None and site not in sc.sites:
+        raise ConfigError(
+            f"site {site!r} is not in the copy policy of source {source!r}", key=f"sources.{source}.sites"
+        )
+    return site
+
+
 async def _repo(app: App, sc: SourceConfig, site: str | None = None, isolate: bool = False) -> Repository:
     """The tenant's repository, read from the source's own sites (`site` first, if given; only `site`
     with `isolate`)."""
@@ -152,15 +160,16 @@ def _backup_dir(root: Path, source: str) -> Path:
 # ---- a restore host's side --------------------------------------------------------------------------
 
 
-async def fetch_wal(app: App, source: str, name: str) -> WalFile:
-    """One WAL file from the first site holding an intact copy (``restore.wal.fetch_wal``): WalMissing when
-    no reachable site has it, another DRError when it could not be read."""
+async def fetch_wal(app: App, source: str, name: str, *, only_site: str | None = None) -> WalFile:
+    """One WAL file from the first site holding an intact copy (``restore.wal.fetch_wal``), or from
+    `only_site` alone: WalMissing when no reachable site has it, another DRError when it could not be read."""
     sc = postgres_source(app, source)
-    return await fetch_wal_repo(await _repo(app, sc), source, name)
+    repo = await _repo(app, sc, _checked_site(sc, source, only_site), isolate=only_site is not None)
+    return await fetch_wal_repo(repo, source, name)
 
 
 async def prefetch_wal(
-    app: App, source: str, after: str, seg_size: int, count: int, cache: Path
+    app: App, source: str, after: str, seg_size: int, count: int, cache: Path, *, only_site: str | None = None
 ) -> list[str]:
     """Fetch the `count` segments after `after` into `cache` (in order, stopping at the first the archive
     lacks); the names written. Stops when `cache` is removed (recovery ended)."""
@@ -168,7 +177,7 @@ async def prefetch_wal(
     wanted = [n for n in pgwal.next_segments(after, seg_size, count) if not (cache / n).exists()]
     if not wanted:
         return []
-    repo = await _repo(app, sc)
+    repo = await _repo(app, sc, _checked_site(sc, source, only_site), isolate=only_site is not None)
     sem = asyncio.Semaphore(PREFETCH_CONCURRENCY)
 
     async def one(name: str) -> WalFile:
@@ -210,9 +219,11 @@ def default_drsvc_command() -> list[str]:
     return [sys.executable, "-m", "drsvc.cli.main"]
 
 
-def wal_fetch_command(drsvc: Sequence[str], config: Path, source: str) -> str:
-    """restore_command: `drsvc -c CONFIG wal-fetch SOURCE %f %p`, quoted for the shell PostgreSQL uses."""
-    return f"{shlex.join([*drsvc, '-c', str(config), 'wal-fetch', source])} %f %p"
+def wal_fetch_command(drsvc: Sequence[str], config: Path, source: str, only_site: str | None = None) -> str:
+    """restore_command: `drsvc -c CONFIG wal-fetch [--only-site SITE] SOURCE %f %p`, quoted for the shell
+    PostgreSQL uses."""
+    only = ["--only-site", only_site] if only_site is not None else []
+    return f"{shlex.join([*drsvc, '-c', str(config), 'wal-fetch', *only, source])} %f %p"
 
 
 async def restore_postgres(
@@ -230,15 +241,15 @@ async def restore_postgres(
     """``App.restore`` for a postgres source: the base backup for `at_ns` in `target`, with recovery settings
     whose restore_command runs `drsvc` (default: this installation) with this config file."""
     sc = postgres_source(app, source)
-    if site is not None and site not in sc.sites:
-        raise ConfigError(
-            f"site {site!r} is not in the copy policy of source {source!r}", key=f"sources.{source}.sites"
-        )
+    _checked_site(sc, source, site)
     if app.config.path is None:
         raise ConfigError(
             "restore_command needs the config file's path; load the config from a file", key="config"
         )
-    command = wal_fetch_command(drsvc or default_drsvc_command(), app.config.path.absolute(), source)
+    # isolated (a drill): PostgreSQL's recovery fetches the WAL from that site alone too
+    only_site = site if isolate else None
+    config = app.config.path.absolute()
+    command = wal_fetch_command(drsvc or default_drsvc_command(), config, source, only_site)
     return await restore_postgres_repo(
         await _repo(app, sc, site, isolate),
         source,

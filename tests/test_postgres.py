@@ -548,6 +548,44 @@ async def test_wal_fetch_verifies_falls_back_prefetches_and_tells_missing_from_b
     assert r.returncode == 126 and r.stderr
 
 
+async def test_wal_fetch_only_site_never_reads_another(
+    wal_env: tuple[Path, Path], seaweed: WeedServer
+) -> None:
+    """A drill recovers PostgreSQL from one site with the others deemed lost: `--only-site` (written into
+    restore_command by an isolated restore) reads that site alone, and so does the prefetcher it starts."""
+    config, pg_wal = wal_env
+    for n in range(1, 4):
+        (pg_wal / seg(n)).write_bytes(fake_segment(seed=n))
+        assert cli(config, "wal-push", "pg", str(pg_wal / seg(n))).returncode == 0
+    async with App(load_config(config), workers=2) as app:
+        await app.init_tenant("fin", FAST_SCRYPT)
+        await wal.ingest_wal(app, "pg")
+        await ship(app)
+        prefix = f"fin/wal/{(await app.open_repo('fin')).keys.source_tag('pg')}/"
+    bucket = {n: s.bucket for n, s in load_config(config).sites.items()}  # type: ignore[union-attr]
+    c = seaweed.client()
+    for n in (1, 3):
+        c.remove_object(bucket["s2"], prefix + seg(n))  # s2 lost the 1st and 3rd; s1 holds all three
+    restore_dir = pg_wal.parent / "restore" / "pg_wal"
+    restore_dir.mkdir(parents=True)
+    dest = restore_dir / "RECOVERYXLOG"
+
+    r = cli(config, "wal-fetch", "--only-site", "s2", "pg", seg(1), str(dest))
+    assert r.returncode == 1 and not dest.exists()  # s1 has it, but s1 is lost for this recovery
+    r = cli(config, "wal-fetch", "--only-site", "s2", "pg", seg(2), str(dest))
+    assert r.returncode == 0 and dest.read_bytes() == fake_segment(seed=2)
+    cache = restore_dir / pgwal.PREFETCH_DIR
+    wait_unlocked(cache / pgwal.LOCK_FILE)
+    assert not (cache / seg(3)).exists()  # the prefetcher read s2 alone too
+    r = cli(config, "wal-fetch", "--only-site", "s1", "pg", seg(1), str(dest))
+    assert r.returncode == 0 and dest.read_bytes() == fake_segment(seed=1)
+    r = cli(config, "wal-fetch", "--only-site", "nowhere", "--prefetch", "0", "pg", seg(1), str(dest))
+    assert r.returncode == 126 and "not in the copy policy" in r.stderr
+    assert wal.wal_fetch_command(["drsvc"], Path("/c.toml"), "pg", "s2") == (
+        "drsvc -c /c.toml wal-fetch --only-site s2 pg %f %p"
+    )
+
+
 # ---- pieces ------------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,11 @@ def register(sub: Any) -> None:
         default=wal_fast.DEFAULT_PREFETCH,
         help=f"segments to fetch ahead in the background (default {wal_fast.DEFAULT_PREFETCH}; 0: none)",
     )
+    f.add_argument(
+        "--only-site",
+        metavar="NAME",
+        help="read this site alone, never another (a drill's recovery with the other sites deemed lost)",
+    )
     f.set_defaults(handler=run_fetch)
 
     q = sub.add_parser("wal-prefetch")  # no help: internal, started by wal-fetch
@@ -55,6 +60,7 @@ def register(sub: Any) -> None:
     q.add_argument("--count", type=int, required=True)
     q.add_argument("--cache", type=Path, required=True)
     q.add_argument("--lock-fd", type=int, required=True)
+    q.add_argument("--only-site")
     q.set_defaults(handler=run_prefetch)
 
 
@@ -63,12 +69,14 @@ async def run_push(args: argparse.Namespace) -> int:
 
 
 async def run_fetch(args: argparse.Namespace) -> int:
-    cached = wal_fast.fetch_cached(args.config, args.source, args.name, args.path, args.cache, args.prefetch)
+    cached = wal_fast.fetch_cached(
+        args.config, args.source, args.name, args.path, args.cache, args.prefetch, args.only_site
+    )
     if cached is not None:
         return cached
     try:
         async with App(load_config(args.config)) as app:
-            got = await wal.fetch_wal(app, args.source, args.name)
+            got = await wal.fetch_wal(app, args.source, args.name, only_site=args.only_site)
         write_file(Path(args.path), got.data, fsync=False)  # PostgreSQL reads it now; a crash fetches again
     except WalMissing:
         return EXIT_MISSING  # quietly: PostgreSQL asks for files past the end of the archive all the time
@@ -78,7 +86,9 @@ async def run_fetch(args: argparse.Namespace) -> int:
     if args.prefetch > 0 and is_segment(args.name):
         cache = wal_fast.cache_dir(args.path, args.cache)
         try:
-            wal_fast.start_prefetch(args.config, args.source, args.name, len(got.data), args.prefetch, cache)
+            wal_fast.start_prefetch(
+                args.config, args.source, args.name, len(got.data), args.prefetch, cache, args.only_site
+            )
         except OSError:
             pass  # costs speed only: the file is in place
     return 0
@@ -87,5 +97,7 @@ async def run_fetch(args: argparse.Namespace) -> int:
 async def run_prefetch(args: argparse.Namespace) -> int:
     """Fill the cache while holding the lock `wal-fetch` passed down (it goes when this process exits)."""
     async with App(load_config(args.config)) as app:
-        await wal.prefetch_wal(app, args.source, args.after, args.seg_size, args.count, args.cache)
+        await wal.prefetch_wal(
+            app, args.source, args.after, args.seg_size, args.count, args.cache, only_site=args.only_site
+        )
     return 0

@@ -31,7 +31,7 @@ DEFAULT_PREFETCH = 8
 # verb -> (number of positionals, options taking a value)
 VERBS = {
     "wal-push": (2, ()),
-    "wal-fetch": (3, ("--cache", "--prefetch")),
+    "wal-fetch": (3, ("--cache", "--prefetch", "--only-site")),
 }
 
 
@@ -81,7 +81,7 @@ def parse(argv: list[str]) -> Call | None:
             return None
         else:
             positionals.append(arg)
-    if len(positionals) != count or not all(v.isdigit() for k, v in options.items() if k != "--cache"):
+    if len(positionals) != count or not all(v.isdigit() for k, v in options.items() if k == "--prefetch"):
         return None
     return Call(config, verb, positionals, options)
 
@@ -94,7 +94,8 @@ def dispatch(argv: list[str]) -> int | None:
         return run_push(call.config, *call.args)
     source, name, path = call.args
     prefetch = int(call.options.get("--prefetch", DEFAULT_PREFETCH))
-    return fetch_cached(call.config, source, name, path, call.options.get("--cache"), prefetch)
+    cache, only_site = call.options.get("--cache"), call.options.get("--only-site")
+    return fetch_cached(call.config, source, name, path, cache, prefetch, only_site)
 
 
 # ---- wal-push ---------------------------------------------------------------------------------------
@@ -219,7 +220,13 @@ def cache_dir(path: str, cache: str | None) -> str:
 
 
 def fetch_cached(
-    config: str, source: str, name: str, path: str, cache: str | None, prefetch: int
+    config: str,
+    source: str,
+    name: str,
+    path: str,
+    cache: str | None,
+    prefetch: int,
+    only_site: str | None = None,
 ) -> int | None:
     """wal-fetch from the cache: 0 when NAME was moved to PATH, None when it is not cached (the full CLI
     fetches it), EXIT_ABORT_RECOVERY when the cache could not be read. Starts a prefetcher when running low
@@ -236,16 +243,21 @@ def fetch_cached(
             seg_size = os.stat(path).st_size
             low = max(1, prefetch // 2)
             if pgwal.cached_ahead(d, name, seg_size, low) < low:
-                start_prefetch(config, source, name, seg_size, prefetch, d)
+                start_prefetch(config, source, name, seg_size, prefetch, d, only_site)
         except OSError:
             pass
     return 0
 
 
-def start_prefetch(config: str, source: str, after: str, seg_size: int, count: int, cache: str) -> bool:
-    """Start a detached `drsvc wal-prefetch` filling `cache` unless one is running."""
+def start_prefetch(
+    config: str, source: str, after: str, seg_size: int, count: int, cache: str, only_site: str | None = None
+) -> bool:
+    """Start a detached `drsvc wal-prefetch` filling `cache` unless one is running (reading `only_site`
+    alone, when given, like the wal-fetch that starts it)."""
     os.makedirs(cache, mode=0o700, exist_ok=True)
     args = ["wal-prefetch", source, after, "--seg-size", str(seg_size), "--count", str(count)]
+    if only_site is not None:
+        args += ["--only-site", only_site]
     return start_detached(config, [*args, "--cache", cache], os.path.join(cache, pgwal.LOCK_FILE))
 
 
