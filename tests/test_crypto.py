@@ -282,7 +282,7 @@ def test_pack_header_bound_to_pack_name(suite: Suite) -> None:
 def test_passphrase_slot(suite: Suite) -> None:
     master = new_master_key()
     slot = make_key_slot(suite, "slot1", master, "passphrase", b"correct horse", FAST)
-    assert slot["kdf"] == {"name": "scrypt", "n": 2**10, "r": 8, "p": 1}
+    assert slot["kdf"] == {"name": "scrypt", "n": 2**10, "r": 8, "p": FAST.p}
     assert open_key_slot(slot, "passphrase", b"correct horse") == master
     assert open_key_slot(slot, "passphrase", b"correct horsf") is None
     assert open_key_slot(slot, "keyfile", b"correct horse") is None  # a slot of another kind
@@ -290,6 +290,18 @@ def test_passphrase_slot(suite: Suite) -> None:
     text = json.dumps(slot)
     assert open_key_slot(json.loads(text), "passphrase", b"correct horse") == master
     assert crypto._b64(master) not in text and master.hex() not in text
+
+
+def test_slots_keep_their_own_scrypt_cost() -> None:
+    """New slots take the default cost (OWASP's N=2^14 r=8 p=5: 16 MiB); a slot written with the earlier
+    default (N=2^15 r=8 p=1) still opens, with the cost it records."""
+    assert ScryptParams() == ScryptParams(n=2**14, r=8, p=5)
+    master = new_master_key()
+    old = make_key_slot(
+        Suite.AES_256_GCM, "old", master, "passphrase", b"pw", ScryptParams(n=2**15, r=8, p=1)
+    )
+    assert old["kdf"] == {"name": "scrypt", "n": 2**15, "r": 8, "p": 1}
+    assert open_key_slot(old, "passphrase", b"pw") == master
 
 
 @pytest.mark.parametrize("suite", SUITES)

@@ -14,7 +14,7 @@ from drsvc.core.crypto import ScryptParams
 def register(sub: Any) -> None:
     p = sub.add_parser("init", help="create a tenant repository on its sites")
     p.add_argument("tenant")
-    p.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    p.add_argument("--scrypt-n", type=int, default=ScryptParams.n, help=argparse.SUPPRESS)
     p.set_defaults(handler=run)
 
 

@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
     sh = sp.add_parser("shred", help="destroy every key slot on every site: the data becomes unreadable")
     sh.add_argument("--confirm", required=True, help="the tenant's name, typed again")
     for q in (add, pw):
-        q.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+        q.add_argument("--scrypt-n", type=int, default=ScryptParams.n, help=argparse.SUPPRESS)
     p.set_defaults(handler=run)
 
 
