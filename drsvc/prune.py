@@ -54,7 +54,7 @@ from drsvc.core.layout import Handle, Kind
 from drsvc.core.outbox import Outbox
 from drsvc.core.repository import BlobLocation, Repository, dctx, gather_limited, new_id
 from drsvc.core.stores import ObjectStore
-from drsvc.memory import lazy_module
+from drsvc.memory import lazy_module, release_free_memory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -651,9 +651,11 @@ async def prune_tenant(
     records = await run.read_records()
     condemned_at = await run.read_markers()
     await run.read_indexes()
+    release_free_memory()  # the decoded index objects are gone; the sorted arrays stay
     report.snapshots = len(records)
     report.blobs = len(run.blobs.ids)
     await run.walk(records)
+    release_free_memory()  # likewise the tree spans (history case: peak PSS 64 -> 59 MiB)
 
     in_used, total, used = run.account()
     listed = [p for p in run.packs if p.sites]
@@ -704,6 +706,7 @@ async def prune_tenant(
         report.condemned_bytes += p.size
     if to_repack and not dry_run:
         await run.repack(to_repack, in_used)
+        release_free_memory()
     for no in to_repack:
         p = run.packs[no]
         condemned[p.name] = now_ns

@@ -27,3 +27,13 @@ def test_lazy_module_of_a_loaded_or_missing_module() -> None:
     assert lazy_module("json") is json
     with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
         lazy_module("no_such_module_here")
+
+
+def test_allocator_settings_and_trim_apply_on_glibc() -> None:
+    import platform
+
+    from drsvc.memory import release_free_memory, tune_allocator
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert tune_allocator() is glibc
+    assert release_free_memory() is glibc
