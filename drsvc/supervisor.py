@@ -17,10 +17,10 @@
    retried at the next interval; cancelling one at stop loses nothing (both are safe to interrupt).
 6. ``request_snapshot(source)`` (the API's "snapshot now") makes the source due at once, after the snapshot
    running (if any), whatever its schedule or a recent failure's back-off.
-7. ``DaemonApi`` is the API's side of the daemon and outlives config reloads: the job store
-   (``<state.dir>/jobs.sqlite``) and runner (``api.max_restores``), the audit log (replicated every minute
-   and at shutdown), the token table (re-read on SIGHUP), the TLS context; it is the ``DaemonView`` of
-   whichever Supervisor runs now (none while reloading: the API answers 503 then).
+7. ``source_status(source)`` and ``sites`` are what the API (``drsvc.daemon_api.DaemonApi``, which outlives
+   config reloads) reads of the Supervisor running now.
+
+Modules: ``site_loop`` (one site's shipper loop, request metrics), ``daemon_api`` (the API's side).
 """
 
 from __future__ import annotations
@@ -32,42 +32,31 @@ import json
 import logging
 import math
 import os
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
-
-from aiohttp import web
 
 import replicator
 from drsvc import scrub
-from drsvc.api import ApiContext, make_api
-from drsvc.api.auth import TokenTable
-from drsvc.api.errors import ApiError
-from drsvc.api.view import SiteStatus, SourceStatus
+from drsvc.api.view import SourceStatus
 from drsvc.app import App
-from drsvc.audit import open_log
-from drsvc.audit import replicate as ship_audit
-from drsvc.core.config import Config
-from drsvc.core.errors import ConfigError, DRError
+from drsvc.core.errors import DRError
 from drsvc.core.layout import Kind
-from drsvc.core.stores import ObjectStore
 from drsvc.core.stores.metered import Observer
-from drsvc.jobs import JobRunner, JobStore
-from drsvc.metrics import Metrics, Op, Outcome
+from drsvc.daemon_api import DaemonApi, tls_context
+from drsvc.metrics import Metrics, Outcome
 from drsvc.prune import prune_tenant
+from drsvc.site_loop import IDLE_POLL, SiteLoop, observe, request_observer
 from drsvc.watch import TreeWatcher
-from replicator import Shipper
 from snapshot.logtail import LogStreamer, SpooledSegment
 from snapshot.wal import sweep_markers
 
+# DaemonApi and tls_context live in drsvc.daemon_api; still importable from here (tests/test_api_schema.py)
+__all__ = ["WATCH_FALLBACK", "DaemonApi", "SiteLoop", "SourceState", "Supervisor", "Tracked", "tls_context"]
+
 log = logging.getLogger("drsvc.supervisor")
 
-BACKOFF_MIN = 1.0
-BACKOFF_MAX = 60.0
-IDLE_POLL = 5.0
 FAILED_RETRY = 300.0
 RETENTION_EVERY = 3600.0  # sources with a retention policy: apply it at most this often
 MAINTENANCE_POLL = 30.0  # how often the maintenance task looks whether a prune or scrub is due
@@ -117,74 +106,6 @@ class SourceState:
     changed_last: float = 0.0
     watch_failed: str | None = None  # why inotify could not cover the tree: it is scanned instead
     requested: bool = False  # "snapshot now" (the API): due at once, whatever the schedule
-
-
-class SiteLoop:
-    """Ships one site's backlog for as long as the daemon runs."""
-
-    def __init__(self, store: ObjectStore, app: App, peers: list[ObjectStore], metrics: Metrics) -> None:
-        cfg = app.config.sites[store.name]
-        self.site = store.name
-        self.shipper = Shipper(store, app.spool, cfg.concurrency, peers)
-        self.metrics = metrics
-        # with an observer on the App (Supervisor.request_observer) every failed request is counted as it
-        # happens; counting the shipper's failures as well would count each last attempt twice
-        self.count_errors = app.observer is None
-        self.up = True
-        self.last_error: str | None = None
-        self.last_ack: float | None = None
-        self.backoff = BACKOFF_MIN
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.shipper.wakeup.clear()  # before the pass: an object spooled during it wakes the next one
-            try:
-                failed, delay = await self.pass_once()
-            except Exception:  # e.g. the state disk failing: log, count, back off, keep the loop alive
-                log.exception("site loop pass failed", extra={"site": self.site})
-                self.up, self.last_error = False, "internal error (see the log)"
-                failed, delay, self.backoff = True, self.backoff, min(BACKOFF_MAX, self.backoff * 2)
-            await _wait_any(stop, self.shipper.wakeup, delay, wake_ok=not failed)
-
-    async def pass_once(self) -> tuple[bool, float]:
-        """Ship what is pending and record the site's state; returns (failed, seconds until the next pass)."""
-        report = await self.shipper.run_once()
-        if report.shipped:
-            self.last_ack = time.time()
-            self.metrics.site_shipped(self.site, report.bytes)
-        for kind, n in report.errors_by_kind.items():
-            for _ in range(n if self.count_errors else 0):
-                self.metrics.site_error(self.site, kind)
-        if report.error:
-            if self.up:
-                log.warning("site is down", extra={"site": self.site, "error": report.error})
-            self.up, self.last_error = False, report.error
-            delay, self.backoff = self.backoff, min(BACKOFF_MAX, self.backoff * 2)
-        else:
-            if not self.up:
-                log.info("site is back", extra={"site": self.site})
-            self.up, self.last_error, self.backoff = True, None, BACKOFF_MIN
-            delay = IDLE_POLL
-        self.metrics.site_up(self.site, self.up)
-        return bool(report.error), delay
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float, wake_ok: bool) -> None:
-    """Sleep until `stop`, or `wake` (unless backing off), or the timeout."""
-    waits = [asyncio.ensure_future(stop.wait())]
-    if wake_ok:
-        waits.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-
-
-def _observe(metrics: Metrics, site: str, op: str, seconds: float, error: str | None) -> None:
-    metrics.observe_request(site, cast(Op, op), seconds)  # observe_request rejects an unknown op
-    if error is not None and error != "ObjectNotFound":  # "no such object" is an answer, not a failure
-        metrics.site_error(site, error)
 
 
 @dataclass
@@ -241,12 +162,12 @@ class Supervisor:
     # -- requests to the sites (MeteredStore under each site's retries) ------------------------------
     def observe(self, site: str, op: str, seconds: float, error: str | None) -> None:
         """One request (one attempt) to a site: its latency, and its failure kind if it failed."""
-        _observe(self.metrics, site, op, seconds, error)
+        observe(self.metrics, site, op, seconds, error)
 
     @staticmethod
     def request_observer(metrics: Metrics) -> Observer:
         """``observe`` for an App built before its Supervisor: ``App(config, observer=...)``."""
-        return functools.partial(_observe, metrics)
+        return request_observer(metrics)
 
     # -- one step, for tests and for the loop -----------------------------------------------------
     def due(self, now: float) -> list[str]:
@@ -268,6 +189,15 @@ class Supervisor:
             for n, st in self.sources.items()
             if not st.running and (st.requested or (now >= st.not_before and now >= self.next_due(n, st)))
         ]
+
+    def source_status(self, source: str) -> SourceStatus | None:
+        """What the API shows of a source (None: not one this supervisor runs)."""
+        st = self.sources.get(source)
+        if st is None:
+            return None
+        return SourceStatus(
+            st.last_snapshot or None, st.protected_until or None, st.last_error, st.running, st.requested
+        )
 
     def request_snapshot(self, source: str) -> SourceState:
         """Make `source` due now (taken after the snapshot running, if any); the scheduler wakes up."""
@@ -735,176 +665,3 @@ class Supervisor:
         if unsubscribe is not None:
             unsubscribe()
         await self.tick()  # protection reached during the drain is recorded before exit
-
-
-# -- the API's side of the daemon ---------------------------------------------------------------------------
-
-AUDIT_REPLICATE_EVERY = 60.0  # seconds between shipments of the audit log to the audit tenant's sites
-
-
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """A server context for ``[api] tls_cert``/``tls_key`` (TLS 1.2 at least), or None when not set."""
-    api = config.api
-    if api.tls_cert is None or api.tls_key is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, api.tls_cert, api.tls_key)
-    return ctx
-
-
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot load the TLS certificate {str(cert)!r} and key {str(key)!r}: {exc}", key="api.tls_cert"
-        ) from None
-
-
-class DaemonApi:
-    """Jobs, audit log, tokens and TLS of the API, and its view of the Supervisor running now."""
-
-    def __init__(self, config: Config, metrics: Metrics, *, clock: Callable[[], float] = time.time) -> None:
-        self._config = config
-        self.metrics = metrics
-        self.supervisor: Supervisor | None = None
-        self.stopping = False
-        self.tls = tls_context(config)
-        tokens = TokenTable.from_config(config)  # an unusable tokens file refuses the start
-        self.jobs = JobStore(config.state.dir / "jobs.sqlite", clock=clock)
-        self.runner = JobRunner(self.jobs, config.api.max_restores)
-        self.audit = open_log(config, clock=clock)
-        self.context = ApiContext(self, self.jobs, self.runner, self.audit, tokens, clock)
-        self._audit_app: App | None = None
-        self._replicator: asyncio.Task[None] | None = None
-        self._replicated = asyncio.Event()  # set to stop the replication loop
-        if self.jobs.interrupted:
-            log.warning("jobs interrupted by the last stop", extra={"jobs": self.jobs.interrupted})
-
-    def web_app(self) -> web.Application:
-        """The /v1 application for ``drsvc.http.make_app(..., api=...)``."""
-        return make_api(self.context)
-
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    def attach(self, supervisor: Supervisor) -> None:
-        self.supervisor, self._config = supervisor, supervisor.app.config
-
-    def detach(self) -> None:
-        self.supervisor = None
-
-    def reload(self, config: Config) -> None:
-        """SIGHUP: the tokens (config and tokens file) and the TLS certificate are read again; an unusable
-        tokens file keeps the tokens in force. A new max_restores applies at the next start."""
-        try:
-            self.context.tokens = TokenTable.from_config(config)
-        except ConfigError as exc:
-            log.error("tokens not reloaded; the previous ones stay in force", extra={"error": str(exc)})
-        self._config = config
-        if self.tls is not None and config.api.tls_cert is not None and config.api.tls_key is not None:
-            try:
-                _load_chain(self.tls, config.api.tls_cert, config.api.tls_key)  # new connections
-            except ConfigError as exc:
-                log.error("TLS certificate not reloaded", extra={"error": str(exc)})
-        elif (self.tls is None) != (config.api.tls_cert is None):
-            log.warning("turning TLS on or off takes a restart of the daemon")
-        if config.api.max_restores != self.runner.max_running:
-            log.warning("api.max_restores changes at the next start of the daemon")
-
-    async def start(self) -> None:
-        self._replicator = asyncio.create_task(self._replicate_loop(), name="audit-replication")
-
-    async def close(self) -> None:
-        """Shutdown: no more requests that change anything; running jobs become failed-interrupted; the audit
-        log is shipped one last time."""
-        self.stopping = True
-        await self.runner.close()
-        self._replicated.set()
-        if self._replicator is not None:
-            await asyncio.gather(self._replicator, return_exceptions=True)
-        try:
-            await self.replicate_audit()
-        except Exception as exc:
-            log.error("audit log not replicated at shutdown", extra={"error": str(exc)})
-        if self._audit_app is not None:
-            await self._audit_app.close()
-            self._audit_app = None
-        await asyncio.to_thread(self.audit.close)
-        await asyncio.to_thread(self.jobs.close)
-
-    async def replicate_audit(self) -> None:
-        """Ship the audit records the audit tenant's sites do not hold yet (nothing without a tenant)."""
-        if self._config.audit.tenant is None:
-            return
-        if self._audit_app is not None and self._audit_app.config is not self._config:
-            await self._audit_app.close()  # the config was reloaded
-            self._audit_app = None
-        if self._audit_app is None:
-            self._audit_app = App(self._config, workers=1, observer=Supervisor.request_observer(self.metrics))
-        for s in await ship_audit(self._audit_app, self.audit):
-            if s.error is not None:
-                log.warning("audit log not shipped to a site", extra={"site": s.site, "error": s.error})
-
-    async def _replicate_loop(self) -> None:
-        while not self._replicated.is_set():
-            try:
-                await asyncio.wait_for(self._replicated.wait(), AUDIT_REPLICATE_EVERY)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.replicate_audit()
-            except Exception:
-                log.exception("audit replication failed")
-
-    # -- DaemonView ----------------------------------------------------------------------------------------
-    @property
-    def config(self) -> Config:
-        return self._config
-
-    @property
-    def draining(self) -> bool:
-        return self.stopping or self.supervisor is None
-
-    def _running(self) -> Supervisor:
-        if self.supervisor is None:
-            raise ApiError(503, "unavailable", "the daemon is starting, reloading or stopping; try again")
-        return self.supervisor
-
-    def source_status(self, source: str) -> SourceStatus:
-        st = self._running().sources.get(source)
-        if st is None:  # in the config being loaded, not yet in the supervisor
-            return SourceStatus(None, None, None, False, False)
-        return SourceStatus(
-            st.last_snapshot or None, st.protected_until or None, st.last_error, st.running, st.requested
-        )
-
-    async def site_status(self) -> dict[str, SiteStatus]:
-        sup = self._running()
-        outbox = sup.app.spool.outbox
-        out = {}
-        for name in self._config.sites:
-            b = await asyncio.to_thread(outbox.backlog, name)
-            loop = sup.sites.get(name)
-            out[name] = SiteStatus(
-                up=None if loop is None else loop.up,
-                last_error=b.last_error if loop is None else loop.last_error,
-                last_ack=None if loop is None else loop.last_ack,
-                backlog_objects=b.objects,
-                backlog_bytes=b.bytes,
-                oldest=b.oldest,
-            )
-        return out
-
-    async def snapshot_now(self, source: str) -> SourceStatus:
-        sup = self._running()
-        if source not in sup.sources:
-            raise ApiError(503, "unavailable", f"source {source!r} is not running yet; try again")
-        sup.request_snapshot(source)
-        return self.source_status(source)
-
-    def reader(self) -> App:
-        return self._running().app
-
-    def job_app(self, config: Config) -> contextlib.AbstractAsyncContextManager[App]:
-        return App(config, observer=Supervisor.request_observer(self.metrics))

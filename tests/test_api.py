@@ -38,9 +38,10 @@ from drsvc.api.openapi import document
 from drsvc.app import App
 from drsvc.cli.main import main as cli_main
 from drsvc.core.config import Config, parse_config
+from drsvc.daemon_api import DaemonApi, tls_context
 from drsvc.http import HealthChecks, make_app, serve
 from drsvc.metrics import Metrics
-from drsvc.supervisor import DaemonApi, Supervisor, tls_context
+from drsvc.supervisor import Supervisor
 
 TOKENS = {  # name: (token, role, tenants)
     "viewer-fin": ("v-fin-secret", "viewer", ["fin"]),

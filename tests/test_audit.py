@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -39,6 +40,8 @@ from drsvc.cli.main import EXIT_INTEGRITY, EXIT_OK, main
 from drsvc.core import crypto
 from drsvc.core.config import Config, parse_config
 from drsvc.core.crypto import ObjectType
+from drsvc.daemon_api import AUDIT_EXPIRE_EVERY, DaemonApi
+from drsvc.metrics import Metrics
 from drsvc.scrub import FindingKind, scrub_tenant
 
 DAY = 86400.0
@@ -274,6 +277,44 @@ def test_expiry_deletes_old_files_and_verify_stays_clean(tmp_path: Path) -> None
     assert kinds(v) == {(Issue.REMOVED, 6)} and "retention" in v.problems[0].detail
 
 
+async def test_the_daemon_expires_old_audit_files_at_start_and_daily(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DaemonApi (the daemon's side of the API) expires at start, then once AUDIT_EXPIRE_EVERY has passed,
+    and logs the files it deleted."""
+    clock = Clock()
+    api = DaemonApi(audit_config(tmp_path, local(tmp_path, "a"), tenant=None), Metrics(), clock=clock)
+    try:
+        fill(api.audit, 10, clock, step=30 * DAY)  # ten files, 30 days apart
+        clock.t += 5 * DAY  # five are past keep (180 days)
+        files = log_files(api.audit.dir)
+        with caplog.at_level(logging.INFO, logger="drsvc.supervisor"):
+            await api.start()
+        assert log_files(api.audit.dir) == files[5:]
+        (expired,) = [r for r in caplog.records if r.getMessage() == "audit files expired"]
+        assert expired.__dict__["files"] == files[:5]
+
+        # the sixth file passes keep 25 days later: an expiry an hour before that deletes nothing ...
+        clock.t += 25 * DAY - 3600
+        await api.audit_once()
+        assert log_files(api.audit.dir) == files[5:]
+        clock.t += 2 * 3600  # ... two hours later it is past keep, but the next expiry is a day away ...
+        await api.audit_once()
+        assert log_files(api.audit.dir) == files[5:]
+        clock.t += AUDIT_EXPIRE_EVERY  # ... which comes
+        await api.audit_once()
+        assert log_files(api.audit.dir) == files[6:]
+        assert api.audit.verify().intact
+
+        # SIGHUP with a longer keep: the next expiry keeps what the old keep would have deleted
+        api.reload(audit_config(tmp_path, local(tmp_path, "a"), tenant=None, keep="1095d"))
+        clock.t += 60 * DAY
+        await api.audit_once()
+        assert log_files(api.audit.dir) == files[6:]
+    finally:
+        await api.close()
+
+
 def test_concurrent_appends_from_threads_keep_one_chain(tmp_path: Path) -> None:
     d = tmp_path / "audit"
     log = AuditLog(d)
@@ -329,13 +370,15 @@ def test_any_single_byte_change_is_detected(tmp_path: Path, data: st.DataObject)
 # -- the sites' copies --------------------------------------------------------------------------------------
 
 
-def audit_config(tmp: Path, sites: dict[str, dict[str, Any]], tenant: str | None = "fin") -> Config:
+def audit_config(
+    tmp: Path, sites: dict[str, dict[str, Any]], tenant: str | None = "fin", **audit: Any
+) -> Config:
     src = tmp / "src"
     src.mkdir(exist_ok=True)
     return parse_config(
         {
             "state": {"dir": str(tmp / "state")},
-            "audit": {"tenant": tenant} if tenant else {},
+            "audit": ({"tenant": tenant} if tenant else {}) | audit,
             "tenants": {"fin": {"key": {"passphrase": {"value": PASSPHRASE}}}},
             "sites": sites,
             "sources": {"docs": {"tenant": "fin", "type": "tree", "path": str(src), "sites": list(sites)}},
@@ -555,6 +598,12 @@ def test_cli_verify_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     asyncio.run(setup())
     capsys.readouterr()
+    # drsvc check counts the audit batch at each site (evidence), and authenticates it with --read-data
+    assert main(["-c", str(cfg), "check", "fin", "--read-data"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "site a: ok:" in text and "1 evidence objects" in text
+    assert main(["-c", str(cfg), "check", "fin", "--json"]) == EXIT_OK
+    assert [s["evidence"] for s in json.loads(capsys.readouterr().out)] == [1, 1]
     assert main(["-c", str(cfg), "audit", "verify"]) == EXIT_OK
     assert "intact" in capsys.readouterr().out
     assert main(["-c", str(cfg), "audit", "show", "--json"]) == EXIT_OK

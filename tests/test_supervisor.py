@@ -16,11 +16,13 @@ from typing import Any
 
 from helpers import du, init_app, local_sites, make_config, tree_state
 from prometheus_client.parser import text_string_to_metric_families
+from test_drill_report import sample_report
 
 from drsvc.check import check_site
 from drsvc.core.config import PruneConfig, ScrubConfig
 from drsvc.core.errors import TransientStoreError
 from drsvc.core.stores.faults import Fault, FaultyStore
+from drsvc.drill.report import write_report
 from drsvc.metrics import Metrics
 from drsvc.supervisor import Supervisor
 
@@ -379,6 +381,8 @@ async def test_a_stalled_supervisor_stops_the_watchdog_pings(tmp_path: Path) -> 
 
 
 def test_sighup_adds_and_removes_sources_and_sites_without_a_restart(tmp_path: Path) -> None:
+    """... and /metrics shows the newest drill report `drsvc drill` wrote, in the [drill] dir of the config
+    in force: the default at start, the new one after the reload."""
     src1, src2 = tmp_path / "src1", tmp_path / "src2"
     _corpus(src1)
     src2.mkdir()
@@ -395,7 +399,10 @@ def test_sighup_adds_and_removes_sources_and_sites_without_a_restart(tmp_path: P
         head
         + f'[sites.c]\ntype = "local"\npath = "{tmp_path}/sites/c"\n'
         + f'[sources.docs2]\ntenant = "fin"\ntype = "tree"\npath = "{src2}"\nsites = ["a", "c"]\n'
+        + f'[drill]\ndir = "{tmp_path}/drills2"\n'
     )
+    passed = sample_report(verdict="pass", misses=[])
+    write_report(tmp_path / "state" / "drills", passed)  # before the daemon starts
     cfg = tmp_path / "drsvc.toml"
     cfg.write_text(v1)
     cli = [sys.executable, "-m", "drsvc.cli.main", "-c", str(cfg)]
@@ -421,13 +428,18 @@ def test_sighup_adds_and_removes_sources_and_sites_without_a_restart(tmp_path: P
 
     proc = subprocess.Popen([*cli, "run"], stderr=subprocess.DEVNULL)
     try:
-        wait_for('drsvc_source_rpo_seconds{source="docs",tenant="fin"}')
+        body = wait_for('drsvc_source_rpo_seconds{source="docs",tenant="fin"}')
+        assert "drsvc_drill_last_success 1.0" in body
+        assert f"drsvc_drill_level {passed['level']['gbt20988']}.0" in body
+        assert 'drsvc_drill_rto_seconds{point="latest",site="jinan-dr",source="hr-docs"}' in body
+        write_report(tmp_path / "drills2", sample_report(id="f" * 32))  # a failed drill, in v2's dir
         cfg.write_text(v2)
         subprocess.run([*cli, "init", "fin", "--scrypt-n", "1024"], check=True, capture_output=True)  # site c
         proc.send_signal(signal.SIGHUP)
         body = wait_for('drsvc_source_rpo_seconds{source="docs2",tenant="fin"}')
         body = wait_for('source="docs"', present=False)
         assert 'drsvc_site_up{site="c"} 1.0' in body and 'site="b"' not in body
+        assert "drsvc_drill_last_success 0.0" in wait_for("drsvc_drill_last_success 0.0")
         assert proc.poll() is None  # the same process all along
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0

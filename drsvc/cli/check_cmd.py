@@ -1,4 +1,7 @@
-"""drsvc check TENANT [--read-data] [--site NAME]: verify each site's copy of a tenant repository."""
+"""drsvc check TENANT [--read-data] [--site NAME]: verify each site's copy of a tenant repository.
+
+One line per site: snapshots, packs, blobs and evidence (audit batches and drill reports, each authenticated
+with --read-data), then its problems; ``--json`` prints every ``SiteCheck`` field (``evidence`` included)."""
 
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ async def run(args: argparse.Namespace) -> int:
         for r in results:
             state = "ok" if r.ok else f"{len(r.problems)} PROBLEMS"
             out(
-                f"site {r.site}: {state}: {r.snapshots} snapshots, {r.packs} packs, {r.blobs} blobs"
+                f"site {r.site}: {state}: {r.snapshots} snapshots, {r.packs} packs, {r.blobs} blobs, "
+                f"{r.evidence} evidence objects (audit, drill)"
                 + (f", {size(r.bytes_read)} read and verified" if args.read_data else "")
             )
             for p in r.problems[:200]:

@@ -4,7 +4,8 @@ READY=1 after start-up; STATUS= each tick; WATCHDOG=1 only while the supervisor 
 SIGINT) stop intake, drain uploads within daemon.drain_timeout, persist state and exit 0. SIGHUP reloads the
 config: an invalid one is refused with a log line and the running one stays; the API's tokens (and tokens
 file) and TLS certificate are read again either way. The API (/v1, ``DaemonApi``) lives across reloads: its
-jobs keep running; while the supervisor restarts it answers 503.
+jobs keep running; while the supervisor restarts it answers 503. /metrics shows the newest drill report
+(``<drill dir>/last.json``, written by ``drsvc drill``), followed to a new ``[drill] dir`` after a reload.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from drsvc import logs
 from drsvc.app import App
 from drsvc.core.config import Config, S3SiteConfig, load_config
 from drsvc.core.errors import DRError
+from drsvc.daemon_api import DaemonApi
+from drsvc.drill.report import LAST, report_dir
 from drsvc.http import HealthChecks, make_app, parse_listen, serve
 from drsvc.metrics import Metrics
 from drsvc.notify import Notifier, WatchdogPinger
-from drsvc.supervisor import DaemonApi, Supervisor
+from drsvc.site_loop import request_observer
+from drsvc.supervisor import Supervisor
 
 log = logging.getLogger("drsvc.run")
 
@@ -39,6 +43,7 @@ class Daemon:
         self.config_path = config_path
         self.config = config
         self.metrics = Metrics()
+        self.metrics.watch_drill_report(report_dir(config) / LAST)  # `drsvc drill` runs outside the daemon
         self.notifier = Notifier.from_env()
         self.pinger = WatchdogPinger.for_notifier(self.notifier)
         self.app: App | None = None
@@ -52,7 +57,7 @@ class Daemon:
         return self.supervisor.ready()
 
     async def start_supervisor(self) -> None:
-        self.app = App(self.config, observer=Supervisor.request_observer(self.metrics))
+        self.app = App(self.config, observer=request_observer(self.metrics))
         self.supervisor = Supervisor(
             self.app, self.metrics, on_progress=self._progress, on_status=self._status
         )
@@ -109,6 +114,7 @@ class Daemon:
             self.notifier.ready()
             return
         self.reload_error = None
+        self.metrics.watch_drill_report(report_dir(new) / LAST)  # [drill] dir may have moved
         if self.api is not None:
             self.api.reload(new)
         for gone in {(s.tenant, n) for n, s in old.sources.items()} - {

@@ -25,10 +25,10 @@ A scenario:
    ("site X cannot restore alone") and is restored again with the other sites as fallback (site first), to
    show which objects the others had to supply (``fallbacks``).
 2. Verify the restored data against the repository (``restore.verify``: every file read back, from the
-   sites the restore used); for tree and log sources, against the live source (``compare_tree``,
-   ``compare_log``); for postgres, start PostgreSQL on it (``_probe_postgres``), wait for recovery to end,
-   run the probes, stop it (always). A postgres restore's WAL is fetched by ``drsvc wal-fetch``, which
-   reads any site: only the base backup and the WAL listing are isolated.
+   sites the restore used); for tree and log sources, against the live source (``compare``:
+   ``compare_tree``, ``compare_log``); for postgres, start PostgreSQL on it (``pgprobe.probe_postgres``),
+   wait for recovery to end, run the probes, stop it (always). A postgres restore's WAL is fetched by
+   ``drsvc wal-fetch``, which reads any site: only the base backup and the WAL listing are isolated.
 3. Judge RPO and RTO against the targets; remove the scratch restore.
 
 At the end: the GB/T 20988 level (``levels``), the JSON and HTML report (``report``), the sealed evidence at
@@ -40,13 +40,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import pwd
 import random
 import secrets
 import shutil
-import socket
 import stat
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -58,9 +55,11 @@ import restore
 from drsvc.app import App
 from drsvc.core.errors import DRError
 from drsvc.drill import evidence, levels, report
+from drsvc.drill.compare import compare_log, compare_tree
+from drsvc.drill.pgprobe import probe_postgres
 from drsvc.drill.plan import Plan, Point, SourcePlan, parse_plan
 from drsvc.restores import POSTGRES_APPENDED
-from drsvc.wal import pg_bindir, restore_postgres
+from drsvc.wal import restore_postgres
 from restore.logreplay import LogRestoreResult
 from restore.postgres import PostgresRestoreResult
 from restore.verify import verify_log, verify_tree
@@ -257,7 +256,7 @@ class _Scenario:
         rec["verified"]["repository"] = await self._verify_repository(rec, result)
         if isinstance(result, PostgresRestoreResult):
             self._notify(phase="probes", bytes=base.bytes)
-            server = await _probe_postgres(self.app, sp, target, sdir, self.plan.postgres_timeout_s)
+            server = await probe_postgres(self.app, sp, target, sdir, self.plan.postgres_timeout_s)
             rec["verified"]["probes"] = server.probes
             self.failures.extend(server.failures)
             if restored_ns is None:
@@ -415,228 +414,3 @@ def _rmtree(path: Path) -> None:
             except OSError:
                 pass
     shutil.rmtree(path, ignore_errors=True)
-
-
-# ---- verification against the live source ---------------------------------------------------------------
-
-CHUNK = 1 << 20
-
-
-@dataclass
-class Comparison:
-    identical: int = 0  # restored files found byte-identical to (or, for logs, a prefix of) the live ones
-    skipped: int = 0  # changed, truncated or gone at the source since the restored point: not comparable
-    failures: list[str] = field(default_factory=list)
-
-
-def _regular_files(root: Path) -> list[tuple[str, os.stat_result]]:
-    out = []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
-                out.append((os.path.relpath(p, root), st))
-    return sorted(out)
-
-
-def _live(path: Path) -> os.stat_result | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def _is_prefix(restored: Path, live: Path) -> bool:
-    """Whether the restored file's bytes are the first bytes of the live file (equal when as long)."""
-    with open(restored, "rb") as a, open(live, "rb") as b:
-        while True:
-            x = a.read(CHUNK)
-            if not x:
-                return True
-            if b.read(len(x)) != x:
-                return False
-
-
-def compare_tree(restored: Path, live: Path) -> Comparison:
-    """Every restored file that is unchanged at the live source (same size and mtime as restored) must be
-    byte-identical to it; files changed or removed since are counted as skipped."""
-    out = Comparison()
-    for rel, st in _regular_files(restored):
-        ls = _live(live / rel)
-        if ls is None or ls.st_size != st.st_size or ls.st_mtime_ns != st.st_mtime_ns:
-            out.skipped += 1
-        elif _is_prefix(restored / rel, live / rel):
-            out.identical += 1
-        else:
-            out.failures.append(
-                f"{rel}: the restored file differs from the live source, which has the same size and mtime"
-            )
-    return out
-
-
-def compare_log(restored: Path, live: Path) -> Comparison:
-    """Append-only files: every restored file must be a byte prefix of (or equal to) the live file of the same
-    name, or of another live file in its directory (rotated since: renamed). A live file shorter than the
-    restored one was truncated since, and a missing one removed: both are counted as skipped."""
-    out = Comparison()
-    for rel, st in _regular_files(restored):
-        ls = _live(live / rel)
-        if ls is None or ls.st_size < st.st_size:
-            out.skipped += 1
-        elif _is_prefix(restored / rel, live / rel):
-            out.identical += 1
-        elif _rotated(restored / rel, st.st_size, (live / rel).parent):
-            out.skipped += 1
-        else:
-            out.failures.append(f"{rel}: the restored log is not a prefix of the live file of that name")
-    return out
-
-
-def _rotated(restored: Path, size: int, live_dir: Path) -> bool:
-    try:
-        names = os.listdir(live_dir)
-    except OSError:
-        return False
-    for name in names:
-        ls = _live(live_dir / name)
-        if ls is not None and ls.st_size >= size and _is_prefix(restored, live_dir / name):
-            return True
-    return False
-
-
-# ---- a restored PostgreSQL: start, wait for the end of recovery, probes, stop ---------------------------
-
-
-@dataclass
-class _Server:
-    recovered: bool = False
-    replayed_ns: int | None = None
-    probes: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-
-async def _probe_postgres(app: App, sp: SourcePlan, target: Path, sdir: Path, wait_s: float) -> _Server:
-    """Start PostgreSQL on the restored data directory (as the directory's owner when run as root, on a free
-    port, a unix socket in the scenario's directory and no TCP), wait until recovery has ended, run each
-    probe with ``psql -At``, and stop it with ``pg_ctl stop -m immediate`` whatever happened."""
-    out = _Server()
-    bindir = pg_bindir(app.config.source(sp.source))
-    if bindir is None:
-        out.failures.append("PostgreSQL's programs were not found (set pg_bindir): the probes did not run")
-        return out
-    run_as, sock = await asyncio.to_thread(_prepare_postgres, target, sdir)
-    log = sdir / "postgres.log"
-    port = _free_port()
-    opts = f"-p {port} -c listen_addresses='' -c unix_socket_directories='{sock}' -c archive_mode=off"
-    pg_ctl = str(bindir / "pg_ctl")
-    psql = [str(bindir / "psql"), "-X", "-h", str(sock), "-p", str(port), "-U", sp.user, "-At"]
-
-    async def sql(query: str, db: str = "postgres") -> tuple[int, str]:
-        rc, stdout, stderr = await _run([*run_as, *psql, "-d", db, "-v", "ON_ERROR_STOP=1", "-c", query], 120)
-        return rc, stdout.strip() if rc == 0 else (stderr.strip() or f"psql exited with {rc}")
-
-    started = False
-    try:
-        rc, _, err = await _run(
-            [
-                *run_as,
-                pg_ctl,
-                "start",
-                "-w",
-                "-t",
-                str(int(wait_s)),
-                "-D",
-                str(target),
-                "-l",
-                str(log),
-                "-o",
-                opts,
-            ],
-            wait_s + 30,
-        )
-        started = True
-        if rc != 0:
-            out.failures.append(f"PostgreSQL did not start on the restored data: {err.strip()} {_tail(log)}")
-            return out
-        deadline = time.monotonic() + wait_s
-        while True:
-            rc, got = await sql("SELECT pg_is_in_recovery()")
-            if rc == 0 and got == "f":
-                break
-            if time.monotonic() > deadline:
-                out.failures.append(f"recovery did not end within {_secs(wait_s)} s: {got} {_tail(log)}")
-                return out
-            await asyncio.sleep(0.2)
-        out.recovered = True
-        rc, got = await sql("SELECT extract(epoch FROM pg_last_xact_replay_timestamp())")
-        if rc == 0 and got:
-            out.replayed_ns = int(float(got) * 1e9)
-        for p in sp.probes:
-            rc, got = await sql(p.sql, p.database)
-            ok = rc == 0 and got == p.expect
-            out.probes.append({"sql": p.sql, "expect": p.expect, "got": got, "ok": ok})
-            if not ok:
-                out.failures.append(f"probe {p.sql!r} gave {got!r}, expected {p.expect!r}")
-    finally:
-        if started and (target / "postmaster.pid").exists():
-            await _run([*run_as, pg_ctl, "stop", "-m", "immediate", "-w", "-D", str(target)], 120)
-        if sock.parent != sdir:
-            await asyncio.to_thread(shutil.rmtree, sock, True)
-    return out
-
-
-def _prepare_postgres(target: Path, sdir: Path) -> tuple[list[str], Path]:
-    """The command prefix to run as the data directory's owner (root: ``runuser``; PostgreSQL refuses to run
-    as root, so a root-owned restore is given to `postgres`), and a socket directory that user owns."""
-    sock = sdir / "s"
-    if len(str(sock)) > 90:  # a unix socket path is at most 107 bytes, ".s.PGSQL.<port>" included
-        sock = Path(tempfile.mkdtemp(prefix="drsvc-drill-", dir="/tmp"))
-    else:
-        sock.mkdir(mode=0o700)
-    if os.geteuid() != 0:
-        return [], sock
-    st = os.stat(target)
-    uid, gid = st.st_uid, st.st_gid
-    if uid == 0:
-        pw = pwd.getpwnam("postgres")
-        uid, gid = pw.pw_uid, pw.pw_gid
-        for dirpath, dirs, files in os.walk(target):
-            for name in [*dirs, *files]:
-                os.lchown(os.path.join(dirpath, name), uid, gid)
-        os.chown(target, uid, gid)
-    for d in (sdir, sock):
-        os.chown(d, uid, gid)
-    return ["runuser", "-u", pwd.getpwuid(uid).pw_name, "--"], sock
-
-
-async def _run(args: list[str], limit_s: float) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(limit_s):
-            stdout, stderr = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return 124, "", f"{args[0]} timed out after {_secs(limit_s)} s"
-    return proc.returncode or 0, stdout.decode(errors="replace"), stderr.decode(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(log: Path, n: int = 5) -> str:
-    try:
-        lines = log.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return ""
-    return "(log: " + " | ".join(lines) + ")" if lines else ""
