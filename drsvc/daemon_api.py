@@ -179,7 +179,9 @@ class DaemonApi:
         log their names; a failure is logged and tried again at the next expiry. The names deleted."""
         self._expired_at = self.clock()
         try:
-            gone = await asyncio.to_thread(self.audit.expire)
+            tenant = self.config.audit.tenant
+            shipped_to = self.config.tenant_sites(tenant) if tenant is not None else []
+            gone = await asyncio.to_thread(self.audit.expire, shipped_to)
         except Exception:
             log.exception("audit expiry failed", extra={"dir": str(self.audit.dir)})
             return []

@@ -27,6 +27,7 @@ from drsvc.audit import (
     AuditLog,
     AuditVerdict,
     Issue,
+    Watermark,
     canonical,
     digest,
     log_files,
@@ -621,3 +622,21 @@ def test_cli_verify_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["-c", str(cfg), "audit", "verify", "--json"]) == EXIT_INTEGRITY
     out = json.loads(capsys.readouterr().out)
     assert out["intact"] is False and {(f["kind"], f["seq"]) for f in out["findings"]} >= {("modified", 2)}
+
+
+def test_expiry_waits_for_records_no_site_holds(tmp_path: Path) -> None:
+    """Past `keep`, a file still goes only once every audit site holds its records: a site down for longer
+    than keep delays expiry instead of losing records kept nowhere else."""
+    d = tmp_path / "audit"
+    clock = Clock()
+    with AuditLog(d, clock=clock, keep_s=180 * DAY) as log:
+        fill(log, 10, clock, step=30 * DAY)  # ten files, 30 days apart; five are past keep below
+        clock.t += 5 * DAY
+        files = log_files(d)
+        log.set_watermark("a", Watermark(3, "h", "b", 0))  # site a holds up to seq 3, site b nothing
+        assert log.expire(["a", "b"]) == []
+        log.set_watermark("b", Watermark(10, "h", "b", 0))
+        assert log.expire(["a", "b"]) == files[:3]  # both hold 1..3; a lacks 4 and 5
+        log.set_watermark("a", Watermark(10, "h", "b", 0))
+        assert log.expire(["a", "b"]) == files[3:5]
+    assert AuditLog(d, clock=clock).verify().intact

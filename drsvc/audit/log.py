@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,17 +293,24 @@ class AuditLog:
 
     # -- expiry -------------------------------------------------------------------------------------
 
-    def expire(self) -> list[str]:
+    def expire(self, shipped_to: Sequence[str] = ()) -> list[str]:
         """Delete the oldest files whose records are all older than `keep_s`, never the newest file;
-        first record the newest deleted record in expired.json. The names of the files deleted."""
+        first record the newest deleted record in expired.json. The names of the files deleted.
+        With `shipped_to` (the audit tenant's sites), a file goes only once every one of those sites holds
+        its records (by the replication watermarks): a site down for longer than `keep` delays expiry
+        rather than losing records that exist nowhere else."""
         cutoff = self.now_ns() - int(self.keep_s * 1e9)
         with self._lock:
             files = log_files(self.dir)
             gone: list[str] = []
             newest: AuditRecord | None = None
+            marks = self.watermarks() if shipped_to else {}
+            shipped = min((marks[s].seq if s in marks else 0 for s in shipped_to), default=None)
             for name in files[:-1]:
                 recs = [ln.record for ln in read_lines(self.dir / name) if ln.record is not None]
                 if any(r.time_ns >= cutoff for r in recs):
+                    break
+                if shipped is not None and any(r.seq > shipped for r in recs):
                     break
                 day = dt.datetime.strptime(name[6:14], "%Y%m%d").replace(tzinfo=dt.UTC)
                 if not recs and (day.timestamp() + 86400) * 1e9 >= cutoff:
