@@ -424,7 +424,7 @@ class App:
             others = [] if isolate else [self.store(n) for n in sc.sites if n != site]
             repo.stores = [self.store(site), *others]
         if sc.type == "log":
-            return await restore_log(repo, source, target, at_ns)
+            return await restore_log(repo, source, target, at_ns, progress)
         return await restore.restore_tree(repo, source, target, at_ns, progress)
 
     async def repo_config(self, tenant: str, site: str) -> dict[str, object]:

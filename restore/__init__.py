@@ -10,7 +10,11 @@
    a missing or corrupt range is read from another site and reported as a fallback.
 5. Set modes and times on files, create symlinks, then set modes and times on directories, deepest first.
 6. Rename the staging directory onto the target (which must be absent or empty) and fsync its parent.
-   On any failure the staging directory is removed: the target never holds a half-restored tree.
+7. On any failure or cancellation: every blocking step runs in a thread behind the restore's ``Fence`` and
+   checks it between items; the fence is closed (no thread of the restore writes any more), then the
+   staging directory is removed completely, and a tree already renamed onto the target is moved out again
+   (an empty target directory that was there is put back). Only then is the error or cancellation raised:
+   the target never holds a half-restored tree and nothing is left next to it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -28,9 +33,9 @@ from drsvc.core.errors import RestoreError
 from drsvc.core.format import Node, SnapshotRecord
 from drsvc.core.repository import Fallback, Repository
 from restore.plan import Plan, build_plan, choose_snapshot
-from restore.writer import BlobWriter, Progress
+from restore.writer import BlobWriter, Fence, Progress, Stopped, run_to_end
 
-__all__ = ["Progress", "RestoreResult", "restore_tree"]
+__all__ = ["Progress", "RestoreResult", "Staging", "Stopped", "restore_tree"]
 
 
 @dataclass
@@ -60,11 +65,14 @@ class RestoreResult:
         return max(0, self.requested_ns - self.snapshot.time_ns) / 1e9
 
 
-def _check_target(target: Path) -> None:
+def _check_target(target: Path) -> os.stat_result | None:
+    """Refuse a target that is a symlink, not a directory, or not empty; the empty directory's status (to
+    put it back if the restore fails), None when the target is absent."""
     if target.is_symlink():
         raise RestoreError(
             "the restore target is a symlink", path=str(target), hint="give a real directory path"
         )
+    found = None
     if target.exists():
         if not target.is_dir():
             raise RestoreError("the restore target exists and is not a directory", path=str(target))
@@ -74,8 +82,101 @@ def _check_target(target: Path) -> None:
                 path=str(target),
                 hint="restore into a new or empty directory; nothing was written",
             )
+        found = target.lstat()
     if not target.parent.is_dir():
         raise RestoreError("the target's parent directory does not exist", path=str(target.parent))
+    return found
+
+
+class Staging:
+    """A restore's staging directory next to its target, and the fence its blocking work runs behind.
+
+    ``create`` checks the target and makes the directory (plus named scratch directories beside it);
+    blocking work runs through ``fence``; ``move_into_place`` (blocking) renames it onto the target;
+    ``abandon`` undoes everything after a failure or cancellation (see there).
+    """
+
+    def __init__(self, target: Path, found: os.stat_result | None, scratch: tuple[str, ...]) -> None:
+        self.target = target
+        self.found = found  # the target as it was (an empty directory), None: absent
+        stem = f".{target.name}.drsvc-restore-{uuid.uuid4().hex[:12]}"
+        self.path = target.parent / stem
+        self.scratch = [target.parent / f"{stem}.{s}" for s in scratch]
+        self.fence = Fence()
+        self.moved = False  # the staging directory was renamed onto the target
+
+    @classmethod
+    async def create(cls, target: Path, scratch: tuple[str, ...] = ()) -> Staging:
+        """Check `target` (absent or an empty directory; RestoreError else) and make the staging directory
+        and the `scratch` directories (mode 0700) next to it."""
+        found = await asyncio.to_thread(_check_target, target)
+        staging = cls(target, found, scratch)
+        made: list[Path] = []
+        try:
+            for d in (staging.path, *staging.scratch):
+                os.mkdir(d, 0o700)
+                made.append(d)
+        except OSError as exc:
+            for d in made:
+                os.rmdir(d)
+            raise RestoreError(
+                f"cannot create the staging directory: {exc.strerror}", path=exc.filename or str(target)
+            ) from None
+        return staging
+
+    def move_into_place(self, root: Node | None) -> None:
+        """Blocking, through the fence: rename the staging directory onto the target (an empty one is
+        replaced), set the root's metadata (the staging directory was 0700), fsync the parent."""
+        self.fence.check()
+        os.rename(self.path, self.target)
+        self.moved = True
+        if root is not None:
+            _apply(str(self.target), root)
+        dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    async def abandon(self) -> None:
+        """After a failure or cancellation: stop the fenced work and wait for it, then remove the staging
+        and scratch directories completely; if the tree was already moved into place, move it out again
+        and put back the empty target directory that was there. Runs to its end even if cancelled again;
+        that cancellation is raised afterwards."""
+        await self.fence.close()
+        await run_to_end(asyncio.to_thread(self._undo))
+
+    async def discard_scratch(self) -> None:
+        """After success: remove the scratch directories."""
+        await run_to_end(asyncio.to_thread(self._remove, self.scratch))
+
+    def _undo(self) -> None:
+        if self.moved:
+            try:
+                os.rename(self.target, self.path)
+            except OSError as exc:
+                raise RestoreError(
+                    f"the restore was stopped but its tree could not be moved out again: {exc.strerror}",
+                    path=str(self.target),
+                    hint="the tree in place is complete but was not reported: remove it or keep it",
+                ) from exc
+            self.moved = False
+            if self.found is not None:
+                os.mkdir(self.target, 0o700)
+                _restore_dir(str(self.target), self.found)
+        self._remove([self.path, *self.scratch])
+
+    @staticmethod
+    def _remove(paths: list[Path]) -> None:
+        for p in paths:
+            try:
+                _remove_tree(p)
+            except OSError as exc:
+                raise RestoreError(
+                    f"cannot remove a restore's staging directory: {exc.strerror}",
+                    path=exc.filename or str(p),
+                    hint="nothing was put in place; remove the directory by hand",
+                ) from exc
 
 
 async def restore_tree(
@@ -91,27 +192,22 @@ async def restore_tree(
     await asyncio.to_thread(_check_target, target)
     record = choose_snapshot(await repo.snapshots(source), at_ns, source)
     plan = await build_plan(repo, record)
-    staging = target.parent / f".{target.name}.drsvc-restore-{uuid.uuid4().hex[:12]}"
+    staging = await Staging.create(target)
+    fence = staging.fence
     try:
-        os.mkdir(staging, 0o700)
+        await fence.run(_create_skeleton, str(staging.path), plan, fence)
+        await BlobWriter(repo, plan, str(staging.path), concurrency, progress, fence).run()
+        await fence.run(_finish_metadata, str(staging.path), plan, fence)
+        await fence.run(staging.move_into_place, record.root)
     except OSError as exc:
-        raise RestoreError(
-            f"cannot create the staging directory: {exc.strerror}", path=str(staging)
-        ) from None
-    try:
-        await asyncio.to_thread(_create_skeleton, str(staging), plan)
-        await BlobWriter(repo, plan, str(staging), concurrency, progress).run()
-        await asyncio.to_thread(_finish_metadata, str(staging), plan)
-        await asyncio.to_thread(_move_into_place, staging, target, record.root)
-    except OSError as exc:
-        await asyncio.to_thread(_remove_staging, staging)
+        await staging.abandon()
         raise RestoreError(
             f"restore failed: {exc.strerror}",
             path=exc.filename or str(target),
             hint="nothing was put in place; fix the cause (space, permissions) and restore again",
         ) from exc
     except BaseException:
-        await asyncio.to_thread(_remove_staging, staging)
+        await staging.abandon()
         raise
     return RestoreResult(
         source=source,
@@ -129,24 +225,44 @@ async def restore_tree(
     )
 
 
-def _remove_staging(staging: Path) -> None:
-    """Remove a staging tree, even one whose directories were already made read-only."""
-    for dirpath, dirnames, _ in os.walk(staging):
+def _remove_tree(path: Path) -> None:
+    """Remove a staging tree completely, even one whose directories were already made read-only (a
+    symlink in it is removed, never followed). Only called once nothing writes into it any more."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        path.unlink(missing_ok=True)
+        return
+    os.chmod(path, 0o700)
+    for dirpath, dirnames, _ in os.walk(path):  # top-down: a directory is opened before it is walked
         for d in dirnames:
-            try:
-                os.chmod(os.path.join(dirpath, d), 0o700, follow_symlinks=False)
-            except OSError:
-                pass
-    shutil.rmtree(staging, ignore_errors=True)
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                try:
+                    os.chmod(p, 0o700)
+                except OSError:
+                    pass
+    shutil.rmtree(path)
 
 
-def _create_skeleton(staging: str, plan: Plan) -> None:
+def _restore_dir(path: str, st: os.stat_result) -> None:
+    """Put back an (empty) directory's mode, owner and times."""
+    if os.geteuid() == 0:
+        try:
+            os.lchown(path, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _create_skeleton(staging: str, plan: Plan, fence: Fence) -> None:
     """Directories, and the empty files; files with content are created by their first write (in parallel)."""
     for rel, _node in plan.dirs:
         if rel:
+            fence.check()
             os.mkdir(os.path.join(staging, rel), 0o700)
     for f in plan.files:
         if not f.node.content:
+            fence.check()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             os.close(os.open(os.path.join(staging, f.rel), flags, 0o600))
 
@@ -162,27 +278,16 @@ def _apply(path: str, node: Node, is_link: bool = False) -> None:
     os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
 
 
-def _finish_metadata(staging: str, plan: Plan) -> None:
+def _finish_metadata(staging: str, plan: Plan, fence: Fence) -> None:
     os.sync()  # one flush for every written file before it counts as restored
     for f in plan.files:
+        fence.check()
         _apply(os.path.join(staging, f.rel), f.node)
     for rel, node in plan.symlinks:
+        fence.check()
         path = os.path.join(staging, rel)
         os.symlink(node.target, path)
         _apply(path, node, is_link=True)
     for rel, dnode in reversed(plan.dirs):
         if dnode is not None:
             _apply(os.path.join(staging, rel), dnode)
-
-
-def _move_into_place(staging: Path, target: Path, root: Node | None) -> None:
-    if target.exists():
-        target.rmdir()  # checked empty before we began
-    os.rename(staging, target)
-    if root is not None:  # the source directory's own mode, owner and mtime (the staging dir was 0700)
-        _apply(str(target), root)
-    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -20,6 +20,12 @@
    written.
 7. Each live incarnation is renamed to its path (each path must be held by one), its mode and mtime set;
    the staging directory is synced and renamed onto the target, as a tree restore does.
+8. Progress (``LogProgress``, a ``restore.Progress`` with segment counts) is reported on the event loop:
+   the checkpoint's bytes as they are written, then after each segment; totals are estimates (the
+   checkpoint's size plus the mean data of the segments applied so far times the segments left) until the
+   last report, where every total equals what was restored.
+9. Every blocking step runs behind the restore's fence (``restore.Staging``): on a failure or cancellation
+   nothing writes any more before the staging and scratch directories are removed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import asyncio
 import errno
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +44,7 @@ from drsvc.core.errors import DRError, IntegrityError, RestoreError, StoreError
 from drsvc.core.format import SnapshotRecord
 from drsvc.core.repository import Fallback, Repository
 from drsvc.core.segments import Append, Create, Delete, Move, Segment, SegmentName
-from restore import _check_target, _move_into_place, _remove_staging
+from restore import Staging, _check_target
 from restore.logplan import (
     Line,
     LogRange,
@@ -52,7 +57,7 @@ from restore.logplan import (
     restorable_range,
 )
 from restore.plan import FilePlan, Plan, check_name
-from restore.writer import BlobWriter
+from restore.writer import BlobWriter, Fence, Progress
 
 PREFETCH = 4  # segments fetched ahead of the one being applied (each at most segment_max plaintext)
 
@@ -112,10 +117,12 @@ class LogGapError(RestoreError):
 
 
 @dataclass
-class LogProgress:
+class LogProgress(Progress):
+    """A log restore's progress: a tree restore's fields (files and bytes; the totals are estimates until
+    the last report) and the change-log segments."""
+
     segments_total: int = 0
     segments_done: int = 0
-    bytes_done: int = 0
 
 
 @dataclass
@@ -166,11 +173,13 @@ class _Incarnation:
 class _Replay:
     """The directory being rebuilt: one data file per live incarnation, under `gens` (blocking methods)."""
 
-    def __init__(self, gens: str) -> None:
+    def __init__(self, gens: str, fence: Fence) -> None:
         self.gens = gens
+        self.fence = fence  # checked before each event and each file: a stopped restore stops writing
         self.live: dict[int, _Incarnation] = {}
         self.dead: set[int] = set()
         self.bytes = 0
+        self.base_bytes = 0  # of these, the checkpoint's
 
     def _file(self, gen: int) -> str:
         return os.path.join(self.gens, str(gen))
@@ -183,6 +192,7 @@ class _Replay:
             for e in seg.events:
                 if e.time_ns > until_ns:
                     break
+                self.fence.check()
                 if isinstance(e, Create):
                     if e.gen in self.live or e.gen in self.dead:
                         raise IntegrityError(f"generation {e.gen} created twice", object=name)
@@ -236,6 +246,7 @@ class _Replay:
             paths[inc.path] = gen
         os.sync()  # one flush for every written byte before anything counts as restored
         for gen, inc in self.live.items():
+            self.fence.check()
             dest = os.path.join(staging, check_name(inc.path, "."))
             os.rename(self._file(gen), dest)
             os.chmod(dest, inc.mode & 0o7777, follow_symlinks=False)
@@ -302,39 +313,42 @@ async def restore_log(
         )
     until = at_ns if at_ns is not None else 2**63 - 1
     newest = max([ln.start_ns for ln in lines.values()] + [n.first_ns for n in names])
-    prog = LogProgress(segments_total=sum(1 for c in line.by_seq.values() if c[0].first_ns <= until))
-    stem = f".{target.name}.drsvc-restore-{uuid.uuid4().hex[:12]}"
-    staging, gens = target.parent / stem, target.parent / f"{stem}.gens"
+    report = _Report(
+        LogProgress(segments_total=sum(1 for c in line.by_seq.values() if c[0].first_ns <= until)), progress
+    )
+    staging = await Staging.create(target, scratch=("gens",))
     fetcher = _Fetcher(repo, source)
     try:
-        for d in (staging, gens):
-            os.mkdir(d, 0o700)
-        replay = _Replay(str(gens))
-        walk = _Walk()
-        if line.checkpoint is not None:
-            await _load_checkpoint(repo, line.checkpoint, replay)
-            walk.base, walk.restored_ns = line.checkpoint.id, line.checkpoint.time_ns
-        await _walk(fetcher, replay, walk, line, until, prog, progress)
-        if walk.gap is not None and (not partial_ok or not walk.restored_ns):
-            raise LogGapError(
-                f"the change log has a gap: {walk.gap.describe()}",
-                walk.gap,
-                source=source,
-                restored="nothing" if not walk.restored_ns else "nothing (partial restores refused)",
-            )
-        files = await asyncio.to_thread(replay.finish, str(staging))
-        await asyncio.to_thread(_move_into_place, staging, target, None)
+        try:
+            replay = _Replay(str(staging.scratch[0]), staging.fence)
+            walk = _Walk()
+            if line.checkpoint is not None:
+                await _load_checkpoint(repo, line.checkpoint, replay, report)
+                walk.base, walk.restored_ns = line.checkpoint.id, line.checkpoint.time_ns
+            await _walk(fetcher, replay, walk, line, until, report)
+            if walk.gap is not None and (not partial_ok or not walk.restored_ns):
+                raise LogGapError(
+                    f"the change log has a gap: {walk.gap.describe()}",
+                    walk.gap,
+                    source=source,
+                    restored="nothing" if not walk.restored_ns else "nothing (partial restores refused)",
+                )
+            files = await staging.fence.run(replay.finish, str(staging.path))
+            await staging.fence.run(staging.move_into_place, None)
+        finally:
+            await fetcher.cancel()
     except OSError as exc:
+        await staging.abandon()
         raise RestoreError(
             f"restore failed: {exc.strerror}",
             path=exc.filename or str(target),
             hint="nothing was put in place; fix the cause (space, permissions) and restore again",
         ) from exc
-    finally:
-        await fetcher.cancel()
-        await asyncio.to_thread(_remove_staging, gens)
-        if staging.exists():
-            await asyncio.to_thread(_remove_staging, staging)
+    except BaseException:
+        await staging.abandon()
+        raise
+    await staging.discard_scratch()
+    report.done(files, replay.bytes)
     return LogRestoreResult(
         source=source,
         target=str(target),
@@ -356,7 +370,9 @@ async def restore_log(
     )
 
 
-async def _load_checkpoint(repo: Repository, record: SnapshotRecord, replay: _Replay) -> None:
+async def _load_checkpoint(
+    repo: Repository, record: SnapshotRecord, replay: _Replay, report: _Report
+) -> None:
     """The checkpoint's files become generations 0, 1, ... (its tree's name order), written as a tree
     restore writes files: ranged reads of verified blobs, pwrite at their offsets."""
     nodes = await repo.read_tree(record.tree)
@@ -372,15 +388,56 @@ async def _load_checkpoint(repo: Repository, record: SnapshotRecord, replay: _Re
 
     def create() -> None:
         for f in plan.files:
+            replay.fence.check()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             os.close(os.open(os.path.join(replay.gens, f.rel), flags, 0o600))
 
-    await asyncio.to_thread(create)
-    await BlobWriter(repo, plan, replay.gens).run()
-    for f in plan.files:
-        if (await asyncio.to_thread(os.stat, os.path.join(replay.gens, f.rel))).st_size != f.node.size:
-            raise IntegrityError("a checkpoint file's chunks do not add up to its size", object=record.id)
+    def sizes_match() -> bool:
+        return all(os.stat(os.path.join(replay.gens, f.rel)).st_size == f.node.size for f in plan.files)
+
+    await replay.fence.run(create)
+    await BlobWriter(repo, plan, replay.gens, progress=report.checkpoint, fence=replay.fence).run()
+    if not await replay.fence.run(sizes_match):
+        raise IntegrityError("a checkpoint file's chunks do not add up to its size", object=record.id)
     replay.bytes += plan.total_bytes
+    replay.base_bytes += plan.total_bytes
+
+
+class _Report:
+    """The log restore's progress, reported on the event loop (module docstring, step 8)."""
+
+    def __init__(self, prog: LogProgress, callback: Callable[[LogProgress], None] | None) -> None:
+        self.prog = prog
+        self.callback = callback
+
+    def _send(self) -> None:
+        if self.callback is not None:
+            self.callback(self.prog)
+
+    def checkpoint(self, p: Progress) -> None:
+        """The checkpoint's files are written (a BlobWriter's progress)."""
+        self.prog.files_total = p.files_total
+        self.prog.bytes_done = p.bytes_done
+        self.prog.bytes_total = max(self.prog.bytes_total, p.bytes_total)
+        self._send()
+
+    def segment(self, replay: _Replay) -> None:
+        """One more segment applied: the totals are estimated from the segments applied so far."""
+        p = self.prog
+        p.segments_done += 1
+        p.bytes_done = replay.bytes
+        left = max(0, p.segments_total - p.segments_done)
+        p.bytes_total = replay.bytes + (replay.bytes - replay.base_bytes) * left // p.segments_done
+        p.files_total = len(replay.live)
+        self._send()
+
+    def done(self, files: int, nbytes: int) -> None:
+        """The last report: what was restored, every total equal to its count."""
+        p = self.prog
+        p.files_total = p.files_done = files
+        p.bytes_total = p.bytes_done = nbytes
+        p.segments_total = p.segments_done
+        self._send()
 
 
 @dataclass
@@ -401,8 +458,7 @@ async def _walk(
     w: _Walk,
     line: Line,
     until: int,
-    prog: LogProgress,
-    progress: Callable[[LogProgress], None] | None,
+    report: _Report,
 ) -> None:
     by_seq, stream = line.by_seq, line.stream
     if w.base is not None:
@@ -442,7 +498,7 @@ async def _walk(
                 return
             try:  # its checkpoint was not listed (or not readable): ask every site for it by name
                 record = await fetch_record(fetcher.repo, fetcher.source, seg.base)
-                await _load_checkpoint(fetcher.repo, record, replay)
+                await _load_checkpoint(fetcher.repo, record, replay, report)
             except DRError as exc:
                 w.gap = _gap(w, stream, by_seq, seq, f"its checkpoint {seg.base} is lost ({exc.message})")
                 return
@@ -450,15 +506,12 @@ async def _walk(
         if seg.prev != w.last_name or seg.prev_digest != digest:
             w.gap = _gap(w, stream, by_seq, seq, "chain broken: the segment's predecessor does not match")
             return
-        last = await asyncio.to_thread(replay.apply, seg, name, until)
+        last = await replay.fence.run(replay.apply, seg, name, until)
         w.applied += 1
         w.restored_ns = max(w.restored_ns, last)
         w.latest_ns = max(w.latest_ns, seg.last_ns)
         w.last_name, w.last_seq, w.last_end_ns, digest = name, seq, seg.last_ns, seg_digest
-        prog.segments_done += 1
-        prog.bytes_done = replay.bytes
-        if progress is not None:
-            progress(prog)
+        report.segment(replay)
         if seg.last_ns >= until:
             return  # event times only go up: nothing later is at or before `until`
         seq += 1

@@ -608,3 +608,87 @@ async def test_a_segment_claims_protection_only_up_to_the_start_of_its_cut(tmp_p
         assert s.caught_up_ns == final.covers_ns
     finally:
         await app.close()
+
+
+async def test_a_log_restore_through_the_app_reports_progress(tmp_path: Path) -> None:
+    """App.restore passes its progress callback to a log restore: the checkpoint's bytes, then each
+    segment; bytes_done only goes up, and the last report has every total equal to its count."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "binlog.000001").write_bytes(os.urandom(600_000))
+    (logs / "app.log").write_bytes(b"before the daemon started\n")
+    app = await init_app(log_config(tmp_path, logs, local_sites(tmp_path, ["a"]), segment_max="64KiB"))
+    try:
+        s = await streamer(app, checkpoint_stores=[app.store("a")], cache_dir=app.cache_dir)
+        await s.checkpoint()
+        for i in range(4):
+            with open(logs / "binlog.000001", "ab") as f:
+                f.write(os.urandom(50_000))
+            (logs / f"new.{i}").write_bytes(b"x" * (i + 1))
+            await s.cut_once()
+        os.unlink(logs / "new.0")
+        await s.cut_once()
+        s.close()
+        await ship(app)
+
+        seen: list[tuple[int, int, int, int, int, int]] = []
+
+        def progress(p: Any) -> None:
+            seen.append(
+                (p.files_done, p.files_total, p.bytes_done, p.bytes_total, p.segments_done, p.segments_total)
+            )
+
+        r = await app.restore("docs", tmp_path / "out", None, progress=progress)
+    finally:
+        await app.close()
+    assert content(tmp_path / "out") == content(logs)
+    assert r.segments >= 5 and r.checkpoint is not None
+    assert len(seen) >= r.segments + 2  # the checkpoint's writes, each segment, the end
+    assert [x[4] for x in seen] == sorted(x[4] for x in seen)  # segments only go up
+    assert [x[2] for x in seen] == sorted(x[2] for x in seen)  # bytes too
+    assert any(0 < x[2] < r.bytes for x in seen)  # progress between start and end
+    assert all(x[2] <= x[3] for x in seen)  # never more done than the (estimated) total
+    files_done, files_total, bytes_done, bytes_total, seg_done, seg_total = seen[-1]
+    assert files_done == files_total == r.files == len(content(logs))
+    assert bytes_done == bytes_total == r.bytes
+    assert seg_done == seg_total == r.segments
+
+
+async def test_a_cancelled_log_restore_leaves_nothing(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "binlog.000001").write_bytes(os.urandom(2_000_000))
+    app = await init_app(log_config(tmp_path, logs, local_sites(tmp_path, ["a"]), segment_max="64KiB"))
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        s = await streamer(app, checkpoint_stores=[app.store("a")], cache_dir=app.cache_dir)
+        await s.checkpoint()
+        for i in range(30):
+            with open(logs / f"app.{i % 7}.log", "ab") as f:
+                f.write(os.urandom(60_000))
+            await s.cut_once()
+        s.close()
+        await ship(app)
+        started = time.monotonic()
+        await app.restore("docs", work / "full", None)
+        full = time.monotonic() - started
+        assert content(work / "full") == content(logs)
+        for i, frac in enumerate([0.0, 0.2, 0.4, 0.6, 0.8]):
+            target = work / f"t{i}"
+            if i % 2:
+                target.mkdir()
+            task = asyncio.ensure_future(app.restore("docs", target, None))
+            await asyncio.sleep(full * frac)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                for _ in range(2):
+                    assert not [n for n in os.listdir(work) if "drsvc-restore" in n]
+                    assert os.listdir(target) == [] if i % 2 else not target.exists()
+                    await asyncio.sleep(0.1)
+            else:
+                assert content(target) == content(logs)
+    finally:
+        await app.close()

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+import stat
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import zstandard
-from helpers import init_app, local_sites, make_config
+from helpers import init_app, local_sites, make_config, tree_state
 
 from drsvc.app import App
 from drsvc.core import crypto, format
 from drsvc.core.crypto import BlobType, ObjectType
-from drsvc.core.errors import RestoreError, UnsafePathError
+from drsvc.core.errors import DRError, RestoreError, StoreError, UnsafePathError
 from drsvc.core.format import Node, PackIndex, PackWriter, SnapshotRecord
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import new_id, now_ns
+from drsvc.core.stores.faults import Fault, FaultyStore
+from restore import Staging, Stopped
 
 
 async def forge(app: App, trees: list[list[Node]], payload: bytes = b"evil\n") -> bytes:
@@ -139,3 +146,186 @@ async def test_target_that_is_a_symlink_or_not_empty_is_refused(tmp_path: Path) 
     finally:
         await app.close()
     assert os.listdir(elsewhere) == [] and os.listdir(busy) == ["keep.txt"]
+
+
+# ---- a stopped restore leaves nothing behind --------------------------------------------------------------
+
+
+def _fill(src: Path) -> None:
+    """Many small files in many directories (some read-only), a few larger ones, a symlink to a directory:
+    a restore of it takes long enough to be stopped while its threads write."""
+    rnd = random.Random(7)
+    for d in range(16):
+        sub = src / f"d{d:02}"
+        sub.mkdir()
+        for i in range(100):
+            (sub / f"f{i:03}").write_bytes(rnd.randbytes(rnd.randrange(64, 6000)))
+        if d % 4 == 0:
+            (sub / "big").write_bytes(rnd.randbytes(1 << 20))
+            sub.chmod(0o555)
+    os.symlink("d01", src / "to-dir")
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if "drsvc-restore" in n)
+
+
+def _assert_nothing(parent: Path, target: Path, existed: bool) -> None:
+    assert _leftovers(parent) == []
+    if existed:
+        assert target.is_dir() and os.listdir(target) == []
+    else:
+        assert not os.path.lexists(target)
+
+
+class _Watch:
+    """A progress callback that remembers whether it was called after the restore had ended."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.ended = False
+        self.late = 0
+
+    def __call__(self, _p: object) -> None:
+        self.calls += 1
+        if self.ended:
+            self.late += 1
+
+
+@pytest.fixture
+async def big_app(tmp_path: Path) -> AsyncIterator[App]:
+    src = tmp_path / "src"
+    src.mkdir()
+    _fill(src)
+    config = make_config(tmp_path, src, local_sites(tmp_path, ["a"]), tenant={"pack_size": "256KiB"})
+    app = await init_app(config)
+    try:
+        await app.snapshot("docs")
+        yield app
+    finally:
+        await app.close()
+
+
+async def test_a_cancelled_restore_leaves_no_staging_and_no_target(
+    tmp_path: Path, big_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    started = time.monotonic()
+    await big_app.restore("docs", work / "full", None)
+    full = time.monotonic() - started
+    assert tree_state(work / "full") == tree_state(tmp_path / "src")
+    cancelled = 0
+    for i, frac in enumerate([0.0, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95]):
+        target = work / f"t{i}"
+        existed = i % 2 == 1
+        if existed:
+            target.mkdir()
+        watch = _Watch()
+        task = asyncio.ensure_future(big_app.restore("docs", target, None, progress=watch))
+        await asyncio.sleep(full * frac)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            cancelled += 1
+            watch.ended = True
+            _assert_nothing(work, target, existed)
+            await asyncio.sleep(0.2)  # no thread of the restore writes on
+            _assert_nothing(work, target, existed)
+            assert watch.late == 0
+        else:  # it finished first: then it is whole
+            assert tree_state(target) == tree_state(tmp_path / "src")
+    assert cancelled >= 5
+    assert not [r for r in caplog.records if r.name == "asyncio"]  # e.g. "exception was never retrieved"
+
+
+class _Boom(Exception):
+    pass
+
+
+class _StopAt:
+    """A progress callback that cancels the restore (or raises) at its k-th report."""
+
+    def __init__(self, k: int, how: str) -> None:
+        self.k, self.how = k, how
+        self.calls = 0
+        self.task: asyncio.Future[object] | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, _p: object) -> None:
+        self.calls += 1
+        if self.calls == self.k:
+            if self.how == "error":
+                raise _Boom
+            assert self.task is not None
+            self.loop.call_soon_threadsafe(self.task.cancel)
+
+
+async def test_a_restore_stopped_from_its_progress_callback_leaves_nothing(
+    tmp_path: Path, big_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deterministic moments: cancelled, or failed, at the k-th progress report (mid-write)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for k in (1, 3, 10, 30):
+        for how in ("cancel", "error"):
+            target = work / f"t{k}-{how}"
+            existed = k % 2 == 1
+            if existed:
+                target.mkdir()
+            stop = _StopAt(k, how)
+            stop.task = asyncio.ensure_future(big_app.restore("docs", target, None, progress=stop))
+            with pytest.raises(asyncio.CancelledError if how == "cancel" else _Boom):
+                await stop.task
+            _assert_nothing(work, target, existed)
+            await asyncio.sleep(0.1)
+            _assert_nothing(work, target, existed)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+async def test_a_restore_failing_to_fetch_mid_way_leaves_nothing(tmp_path: Path, big_app: App) -> None:
+    repo = await big_app.open_repo("fin")
+    packs = sorted(h.name for h in await repo.list_handles(Kind.PACK))
+    assert len(packs) > 8
+    work = tmp_path / "work"
+    work.mkdir()
+    healthy = big_app.store("a")
+    for n, pack in enumerate(packs[len(packs) // 3 :: max(1, len(packs) // 4)]):
+        big_app._stores["a"] = FaultyStore(
+            healthy, [Fault("get", key_contains=pack, error=StoreError("disk on fire", site="a"))]
+        )
+        target = work / f"t{n}"
+        if n % 2:
+            target.mkdir()
+        with pytest.raises(DRError, match="disk on fire"):
+            await big_app.restore("docs", target, None)
+        _assert_nothing(work, target, existed=bool(n % 2))
+        await asyncio.sleep(0.1)
+        _assert_nothing(work, target, existed=bool(n % 2))
+    big_app._stores["a"] = healthy
+
+
+@pytest.mark.parametrize("existed", [False, True])
+async def test_a_tree_moved_into_place_is_moved_out_again_when_the_restore_is_abandoned(
+    tmp_path: Path, existed: bool
+) -> None:
+    """A cancellation (or failure) that overtakes the final rename: the target is as it was before."""
+    target = tmp_path / "target"
+    if existed:
+        target.mkdir(0o750)
+        os.utime(target, ns=(1_000_000_000, 2_000_000_000))
+    staging = await Staging.create(target, scratch=("gens",))
+    (staging.path / "sub").mkdir()
+    (staging.path / "sub" / "file").write_bytes(b"restored")
+    (staging.path / "sub").chmod(0o555)
+    os.symlink("sub", staging.path / "link")
+    await staging.fence.run(staging.move_into_place, None)
+    assert (target / "sub" / "file").read_bytes() == b"restored"
+    await staging.abandon()
+    _assert_nothing(tmp_path, target, existed)
+    if existed:
+        st = target.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime_ns == 2_000_000_000
+    with pytest.raises(Stopped):  # the fence stays closed: nothing more runs behind it
+        await staging.fence.run(os.mkdir, str(target / "late"))
