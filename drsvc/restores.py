@@ -10,7 +10,7 @@
    restored data and verifies it (``restore.verify``), and reports the achieved RPO (requested point minus
    restored point; for "latest" the request's time is the requested point) and RTO (request to verified
    data in place) against the source's targets. A restore that fails or is cancelled leaves the target as it
-   was: what the writer's threads were still writing when it stopped is swept away after them.
+   was (``App.restore`` stops its threads and removes its staging directory before it raises).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
-import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -41,9 +39,6 @@ from restore.plan import Plan, build_plan, choose_snapshot
 from restore.postgres import PostgresRestoreResult, plan_wal, read_backup_start
 from restore.verify import VerifyReport, verify_log, verify_tree
 
-STAGING_INFIX = ".drsvc-restore-"  # restore.restore_tree's staging directories: .<target>.drsvc-restore-<id>
-SWEEP_QUIET = 0.3  # a stopped restore's staging is gone when it stayed gone this long
-SWEEP_TIMEOUT = 30.0
 POSTGRES_APPENDED = ("postgresql.auto.conf", "recovery.signal")  # written after the base backup's tree
 
 _FIELDS = ("source", "at", "site", "target", "verify", "dry_run")
@@ -500,46 +495,6 @@ class _Progress:
         self.sink({"verify_files": r.files, "verify_bytes": r.bytes})
 
 
-def _staging_names(parent: Path, prefix: str) -> set[str]:
-    try:
-        return {n for n in os.listdir(parent) if n.startswith(prefix)}
-    except OSError:
-        return set()
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a staging tree, even one whose directories were already made read-only."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            try:
-                os.chmod(os.path.join(dirpath, d), 0o700, follow_symlinks=False)
-            except OSError:
-                pass
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def _sweep(parent: Path, prefix: str, before: set[str]) -> None:
-    """Remove the staging directories a stopped restore made. The writer's threads may still be writing
-    when the restore's task has stopped (a cancelled ``to_thread`` call runs on), so its own cleanup can
-    miss what they add: remove until none came back for SWEEP_QUIET seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SWEEP_TIMEOUT
-    quiet_since = loop.time()
-    while loop.time() < deadline:
-        left = await asyncio.to_thread(_staging_names, parent, prefix)
-        new = left - before
-        if new:
-            for name in new:
-                await asyncio.to_thread(_remove_tree, parent / name)
-            quiet_since = loop.time()
-        elif loop.time() - quiet_since >= SWEEP_QUIET:
-            return
-        await asyncio.sleep(0.05)
-
-
 def _verdict(achieved: float | None, target: float | None) -> str:
     if target is None:
         return "no target"
@@ -579,14 +534,8 @@ async def run_restore(
     progress({"phase": "restoring", "site": req.site or sc.sites[0], "fallbacks": 0})
     tracker = _Progress(progress)
     target = req.target
-    prefix = f".{target.name}{STAGING_INFIX}"
-    before = await asyncio.to_thread(_staging_names, target.parent, prefix)
-    try:
-        r = await app.restore(req.source, target, at_ns, req.site, progress=tracker.tree, isolate=isolate)
-    except BaseException:
-        sweep = asyncio.ensure_future(_sweep(target.parent, prefix, before))
-        await asyncio.shield(sweep)  # cancelled again: the sweep still runs to its end
-        raise
+    # a cancelled or failed App.restore has stopped every thread it ran and left the target as it was
+    r = await app.restore(req.source, target, at_ns, req.site, progress=tracker.tree, isolate=isolate)
     if isinstance(r, PostgresRestoreResult):
         base = r.base
         site, fallbacks, restored_ns = base.site, base.fallbacks, r.recovery_point_ns

@@ -186,7 +186,11 @@ async def restore_tree(
     at_ns: int | None = None,
     progress: Callable[[Progress], None] | None = None,
     concurrency: int = 4,
+    finish: Callable[[Path], None] | None = None,
 ) -> RestoreResult:
+    """Restore the newest snapshot of `source` at or before `at_ns` into `target`. `finish` (blocking) may
+    add to the staging directory before it is renamed into place (a postgres restore's recovery settings):
+    what it writes is put in place with the rest, or, if it fails, removed with the rest."""
     started = time.monotonic()
     target = await asyncio.to_thread(target.absolute)
     await asyncio.to_thread(_check_target, target)
@@ -198,6 +202,8 @@ async def restore_tree(
         await fence.run(_create_skeleton, str(staging.path), plan, fence)
         await BlobWriter(repo, plan, str(staging.path), concurrency, progress, fence).run()
         await fence.run(_finish_metadata, str(staging.path), plan, fence)
+        if finish is not None:
+            await fence.run(finish, staging.path)
         await fence.run(staging.move_into_place, record.root)
     except OSError as exc:
         await staging.abandon()

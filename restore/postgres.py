@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 from collections.abc import Callable
@@ -97,12 +96,13 @@ async def restore_postgres(
     record = choose_snapshot(await repo.snapshots(source), at_ns, source)
     start = await read_backup_start(repo, record)
     plan = await plan_wal(repo, source, start, at_ns, pg_bindir)
-    base = await restore_tree(repo, source, target, record.time_ns, progress)
+
+    def settings(staging: Path) -> None:  # written in the staging directory: in place with the rest, or not
+        write_recovery_settings(staging, restore_command, plan.target_ns, keep_archiving, source)
+
+    base = await restore_tree(repo, source, target, record.time_ns, progress, finish=settings)
     if base.snapshot.id != record.id:  # another record with the very same time: never in practice
         raise RestoreError("the base backup changed while it was restored", source=source, path=str(target))
-    await asyncio.to_thread(
-        write_recovery_settings, Path(base.target), restore_command, plan.target_ns, keep_archiving, source
-    )
     return PostgresRestoreResult(base, plan, at_ns, restore_command)
 
 
@@ -236,7 +236,10 @@ def recovery_settings(restore_command: str, target_ns: int | None, keep_archivin
 def write_recovery_settings(
     datadir: Path, restore_command: str, target_ns: int | None, keep_archiving: bool, source: str
 ) -> None:
-    st = os.stat(datadir)
+    """Append the recovery settings to postgresql.auto.conf and create recovery.signal, both owned like
+    the data directory's PG_VERSION (the cluster's owner: in a staging directory the root is still ours)."""
+    version = datadir / "PG_VERSION"
+    st = os.stat(version if version.exists() else datadir)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     lines = [f"# drsvc restore of source {source} at {now}"]
     lines += [f"{k} = {v}" for k, v in recovery_settings(restore_command, target_ns, keep_archiving).items()]

@@ -284,6 +284,36 @@ async def test_a_restore_stopped_from_its_progress_callback_leaves_nothing(
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
+async def test_what_finish_adds_goes_in_place_with_the_tree_or_not_at_all(
+    tmp_path: Path, big_app: App
+) -> None:
+    """restore_tree's `finish` (a postgres restore's recovery settings) writes into the staging directory:
+    its files arrive with the tree, and when it fails the target is left as it was."""
+    from restore import restore_tree
+
+    repo = await big_app.open_repo("fin")
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def settings(staging: Path) -> None:
+        (staging / "recovery.signal").write_bytes(b"")
+
+    done = await restore_tree(repo, "docs", work / "ok", finish=settings)
+    assert (work / "ok" / "recovery.signal").exists() and done.files > 0
+
+    def broken(staging: Path) -> None:
+        (staging / "half.conf").write_bytes(b"x")
+        raise OSError(28, "No space left on device", str(staging / "half.conf"))
+
+    for existed in (False, True):
+        target = work / f"t-{existed}"
+        if existed:
+            target.mkdir()
+        with pytest.raises(RestoreError, match="No space left"):
+            await restore_tree(repo, "docs", target, finish=broken)
+        _assert_nothing(work, target, existed)
+
+
 async def test_a_restore_failing_to_fetch_mid_way_leaves_nothing(tmp_path: Path, big_app: App) -> None:
     repo = await big_app.open_repo("fin")
     packs = sorted(h.name for h in await repo.list_handles(Kind.PACK))
