@@ -14,7 +14,7 @@
    writing ``expired.json`` (seq, hash and time of the last record deleted): the first kept record's
    ``prev`` matches it, so ``verify`` does not report the deleted ones as removed.
 4. ``replicate`` seals the records each site of the audit tenant has not received yet as audit batches
-   (docs/FORMAT.md section 19, ``<tenant>/audit/<keyed content id>``) and puts them there, then advances that
+   (docs/FORMAT.md section 20, ``<tenant>/audit/<keyed content id>``) and puts them there, then advances that
    site's watermark in ``replicated.json``. A crash between the two ships the batch again (same name, same
    bytes: the seal is deterministic).
 5. ``verify_with_sites`` opens every batch at the sites and compares: a record a site holds that is missing

@@ -1,4 +1,4 @@
-"""Audit batches: runs of record lines sealed for the sites (docs/FORMAT.md section 19)."""
+"""Audit batches: runs of record lines sealed for the sites (docs/FORMAT.md section 20)."""
 
 from __future__ import annotations
 
