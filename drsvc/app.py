@@ -42,6 +42,7 @@ from drsvc.core.stores.metered import Observer
 from restore.logplan import restorable_range, stream_of
 from restore.logreplay import LogRestoreResult, restore_log
 from restore.postgres import PostgresRestoreResult, read_backup_start
+from restore.postgres import restorable_range as postgres_range
 from snapshot import SnapshotResult, Stats
 
 
@@ -242,12 +243,14 @@ class App:
     async def restorable_range(self, source: str, site: str | None = None) -> tuple[int, int] | None:
         """The earliest and latest points (ns) `source` can be restored to, or None: for a tree source its
         oldest and newest snapshots; for a log source its oldest checkpoint (or stream start) to its newest
-        change-log event."""
+        change-log event; for a postgres source its oldest base backup to the end of its contiguous WAL."""
         sc = self.config.source(source)
         repo = await self.open_repo(sc.tenant, site)
         if sc.type == "log":
             r = await restorable_range(repo, source)
             return None if r is None else (r.earliest_ns, r.latest_ns)
+        if sc.type == "postgres":
+            return await postgres_range(repo, source)
         records = await repo.snapshots(source)
         return (records[0].time_ns, records[-1].time_ns) if records else None
 

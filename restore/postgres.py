@@ -106,6 +106,24 @@ async def restore_postgres(
     return PostgresRestoreResult(base, plan, at_ns, restore_command)
 
 
+async def restorable_range(repo: Repository, source: str) -> tuple[int, int] | None:
+    """(earliest, latest) points (ns) a postgres source can be recovered to: its oldest base backup's time
+    to the time PostgreSQL finished writing the last segment of the contiguous archive after the newest
+    complete base backup (every record up to then is archived). None without a base backup."""
+    records = await repo.snapshots(source)
+    for record in reversed(records):
+        try:
+            plan = await plan_wal(repo, source, await read_backup_start(repo, record), None, None)
+        except RestoreError:
+            continue  # its own WAL is incomplete: an older base backup may be whole
+        try:
+            end = (await fetch_wal(repo, source, plan.end)).time_ns
+        except DRError:
+            end = record.time_ns
+        return records[0].time_ns, max(record.time_ns, end)
+    return (records[0].time_ns, records[0].time_ns) if records else None
+
+
 async def read_backup_start(repo: Repository, record: SnapshotRecord) -> BackupStart:
     """The backup_label of a base backup, read from its root tree (a few small ranged reads)."""
     for node in await repo.read_tree(record.tree):

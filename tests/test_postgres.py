@@ -302,6 +302,11 @@ async def test_archive_to_two_sites_and_restore_to_a_time_in_the_middle(
         at_s1, at_s2 = await wal_names(app, "s1"), await wal_names(app, "s2")
         assert at_s1 == at_s2 and last in at_s1 and any(n.endswith(".backup") for n in at_s1)
 
+        # restorable: from the base backup to the end of the archived WAL (after the last commit), not just
+        # to the base backup's time
+        span = await app.restorable_range("pg")
+        assert span is not None and span[0] == backup.record.time_ns and span[1] >= commits[5][2]
+
         # the first site lost a segment replay needs: restore_command reads the second site's copy
         repo = await app.open_repo("fin")
         lost = sorted(n for n in at_s1 if pgwal.is_segment(n))[1]
