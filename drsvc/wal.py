@@ -55,7 +55,10 @@ def pg_bindir(sc: SourceConfig) -> Path | None:
 
 
 def incoming(app: App, source: str) -> Path:
-    return Path(pgwal.incoming_dir(app.config.state.dir, source))
+    """Where `drsvc wal-push` leaves the source's WAL files: its `incoming` setting, else under the state
+    directory (the same rule as ``wal_fast.incoming_for``)."""
+    sc = app.config.source(source)
+    return sc.incoming if sc.incoming is not None else Path(pgwal.incoming_dir(app.config.state.dir, source))
 
 
 def _checked_site(sc: SourceConfig, source: str, site: str | None) -> str | None:

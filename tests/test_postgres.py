@@ -424,6 +424,28 @@ async def test_wal_push_is_durable_idempotent_and_never_overwrites(wal_env: tupl
         assert await wal.ingest_wal(app, "pg") == []
 
 
+async def test_a_source_s_own_incoming_directory_is_where_push_and_ingest_meet(tmp_path: Path) -> None:
+    """`incoming` set (the daemon's state directory closed to PostgreSQL's user): wal-push writes there, the
+    daemon spools from there, and nothing goes under the state directory."""
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    config = write_config(
+        tmp_path,
+        {"a": {"type": "local", "path": str(tmp_path / "site")}},
+        {"path": str(tmp_path / "pgdata"), "incoming": "shared/pg"},
+    )
+    (pg_wal / seg(1)).write_bytes(fake_segment())
+    r = cli(config, "wal-push", "pg", str(pg_wal / seg(1)))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "shared" / "pg" / seg(1)).read_bytes() == fake_segment()
+    assert not Path(pgwal.incoming_dir(load_config(config).state.dir, "pg")).exists()
+    async with App(load_config(config), workers=2) as app:
+        await app.init_tenant("fin", FAST_SCRYPT)
+        assert wal.incoming(app, "pg") == tmp_path / "shared" / "pg"
+        (key,) = await wal.ingest_wal(app, "pg")
+        assert key.endswith(seg(1)) and not (tmp_path / "shared" / "pg" / seg(1)).exists()
+
+
 async def test_ingest_again_after_a_crash_writes_the_same_object_and_never_another(
     wal_env: tuple[Path, Path],
 ) -> None:

@@ -61,22 +61,37 @@ def test_the_config_answer_is_cached_until_the_file_changes(
 ) -> None:
     monkeypatch.setattr(wal_fast, "CACHE_ROOT", str(tmp_path))
     config = _config(tmp_path, "state-a")
-    assert wal_fast.state_dir(str(config), "pg") == str(tmp_path / "state-a")
+    assert wal_fast.incoming_for(str(config), "pg") == str(tmp_path / "state-a" / "incoming" / "wal" / "pg")
     cache = wal_fast._cache_path(str(config))
     assert cache is not None and Path(cache).is_file()
     assert oct(Path(cache).parent.stat().st_mode & 0o777) == "0o700"
-    assert wal_fast.state_dir(str(config), "pg") == str(tmp_path / "state-a")  # from the cache
+    assert wal_fast.incoming_for(str(config), "pg") == str(
+        tmp_path / "state-a" / "incoming" / "wal" / "pg"
+    )  # from the cache
 
     config.write_text(config.read_text().replace("state-a", "state-b"))  # edited: the cache is stale
-    assert wal_fast.state_dir(str(config), "pg") == str(tmp_path / "state-b")
+    assert wal_fast.incoming_for(str(config), "pg") == str(tmp_path / "state-b" / "incoming" / "wal" / "pg")
     # a cached config still refuses what the config refuses
     with pytest.raises(pgwal.WalPushError, match="not a postgres source"):
-        wal_fast.state_dir(str(config), "files")
+        wal_fast.incoming_for(str(config), "files")
     with pytest.raises(pgwal.WalPushError, match="no source 'nope'"):
-        wal_fast.state_dir(str(config), "nope")
+        wal_fast.incoming_for(str(config), "nope")
     config.write_text(config.read_text().replace('type = "postgres"', 'type = "log"'))
     with pytest.raises(pgwal.WalPushError, match="not a postgres source"):
-        wal_fast.state_dir(str(config), "pg")
+        wal_fast.incoming_for(str(config), "pg")
+
+
+def test_a_source_s_own_incoming_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wal_fast, "CACHE_ROOT", str(tmp_path))
+    config = _config(tmp_path, "state")
+    config.write_text(
+        config.read_text().replace('type = "postgres"', 'type = "postgres"\nincoming = "in/pg"')
+    )
+    for _ in range(2):  # parsed, then cached
+        assert wal_fast.incoming_for(str(config), "pg") == str(tmp_path / "in" / "pg")
+    config.write_text(config.read_text().replace('incoming = "in/pg"', "incoming = 5"))
+    with pytest.raises(pgwal.WalPushError, match=r"sources\.pg\.incoming"):
+        wal_fast.incoming_for(str(config), "pg")
 
 
 def test_a_cache_directory_others_can_write_is_not_trusted(
@@ -92,13 +107,15 @@ def test_a_cache_directory_others_can_write_is_not_trusted(
     name = str(config.resolve()).replace("%", "%25").replace("/", "%")
     st_ = config.stat()
     stamp = f"{st_.st_dev} {st_.st_ino} {st_.st_size} {st_.st_mtime_ns} {st_.st_ctime_ns}"
-    (d / name).write_text(f"{stamp}\n/evil\npg\n")
-    assert wal_fast.state_dir(str(config), "pg") == str(tmp_path / "state-a")
+    (d / name).write_text(f"{stamp}\npg\t/evil\n")
+    assert wal_fast.incoming_for(str(config), "pg") == str(tmp_path / "state-a" / "incoming" / "wal" / "pg")
     d.chmod(0o700)
-    assert wal_fast.state_dir(str(config), "pg") == "/evil"  # the same file, trusted once the dir is private
+    assert (
+        wal_fast.incoming_for(str(config), "pg") == "/evil"
+    )  # the same file, trusted once the dir is private
     (d / name).unlink()
     (d / name).symlink_to(tmp_path / "elsewhere")  # a symlink is never followed
-    assert wal_fast.state_dir(str(config), "pg") == str(tmp_path / "state-a")
+    assert wal_fast.incoming_for(str(config), "pg") == str(tmp_path / "state-a" / "incoming" / "wal" / "pg")
 
 
 def test_a_push_imports_neither_typing_nor_re_nor_the_toml_parser(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def dispatch(argv: list[str]) -> int | None:
 
 def run_push(config: str, source: str, path: str) -> int:
     try:
-        pgwal.push(path, state_dir(config, source), source)
+        pgwal.push(path, incoming_for(config, source))
     except DRError as exc:
         print(f"drsvc wal-push: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -113,11 +113,11 @@ def run_push(config: str, source: str, path: str) -> int:
     return 0
 
 
-def state_dir(config: str, source: str) -> str:
-    """`state.dir` of the config (relative to the config file's directory), after checking that `source`
-    is a postgres source. Only these keys are read: `drsvc config check` and the daemon check the rest.
-    The answer is cached per user and config file (see ``_cache_path``) while the file is unchanged: parsing
-    TOML costs a push about a sixth of its time."""
+def incoming_for(config: str, source: str) -> str:
+    """The incoming directory of postgres source `source`: its `incoming` setting, else
+    ``<state.dir>/incoming/wal/<source>`` (relative paths: to the config file's directory). Only these keys
+    are read: `drsvc config check` and the daemon check the rest. The answer is cached per user and config
+    file (see ``_cache_path``) while the file is unchanged: parsing TOML costs a push a sixth of its time."""
     try:
         st = os.stat(config)
     except OSError as exc:
@@ -125,8 +125,8 @@ def state_dir(config: str, source: str) -> str:
     stamp = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
     cache = _cache_path(config)
     cached = _read_cache(cache, stamp) if cache is not None else None
-    if cached is not None and source in cached[1]:
-        return cached[0]
+    if cached is not None and source in cached:
+        return cached[source]
     import tomllib
 
     try:
@@ -142,14 +142,20 @@ def state_dir(config: str, source: str) -> str:
         raise pgwal.WalPushError(f"no source {source!r} in the config", key="sources")
     if src.get("type") != "postgres":
         raise pgwal.WalPushError(f"source {source!r} is not a postgres source", key=f"sources.{source}.type")
+    base = os.path.dirname(os.path.abspath(config))
     d = data.get("state", {}).get("dir")
-    if not isinstance(d, str) or not d or "\n" in d:
+    if not isinstance(d, str) or not d:
         raise pgwal.WalPushError("the config sets no state.dir", key="state.dir")
-    result = os.path.join(os.path.dirname(os.path.abspath(config)), d)
-    if cache is not None:
-        names = [n for n, v in sources.items() if isinstance(v, dict) and v.get("type") == "postgres"]
-        _write_cache(cache, "\n".join([stamp, result, *names]) + "\n")
-    return result
+    dirs: dict[str, str] = {}
+    for name, v in sources.items():
+        if isinstance(v, dict) and v.get("type") == "postgres":
+            own = v.get("incoming")
+            if own is not None and (not isinstance(own, str) or not own):
+                raise pgwal.WalPushError("not a directory path", key=f"sources.{name}.incoming")
+            dirs[name] = os.path.join(base, own) if own else pgwal.incoming_dir(os.path.join(base, d), name)
+    if cache is not None and not any("\n" in x or "\t" in x for kv in dirs.items() for x in kv):
+        _write_cache(cache, "".join([f"{stamp}\n", *(f"{n}\t{p}\n" for n, p in dirs.items())]))
+    return dirs[source]
 
 
 CACHE_ROOT = "/tmp"
@@ -175,8 +181,8 @@ def _cache_path(config: str) -> str | None:
     return os.path.join(d, name) if len(name) <= 200 else None
 
 
-def _read_cache(path: str, stamp: str) -> tuple[str, list[str]] | None:
-    """(state dir, postgres sources) if the cache was written for the config file as it is now."""
+def _read_cache(path: str, stamp: str) -> dict[str, str] | None:
+    """Postgres source -> incoming directory, if the cache was written for the config file as it is now."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -189,9 +195,12 @@ def _read_cache(path: str, stamp: str) -> tuple[str, list[str]] | None:
         return None
     finally:
         os.close(fd)
-    if len(lines) < 3 or lines[0] != stamp or lines[-1] != "":
+    if len(lines) < 2 or lines[0] != stamp or lines[-1] != "":
         return None
-    return lines[1], lines[2:-1]
+    pairs = [line.split("\t") for line in lines[1:-1]]
+    if not all(len(p) == 2 for p in pairs):
+        return None
+    return {name: d for name, d in pairs}
 
 
 def _write_cache(path: str, text: str) -> None:

@@ -299,6 +299,10 @@ class SourceConfig(_Model):
     # programs are (default: the newest /usr/lib/postgresql/*/bin)
     conninfo: str | None = None
     pg_bindir: Path | None = None
+    # postgres: where `drsvc wal-push` (run by PostgreSQL's OS user) leaves WAL files for the daemon; default
+    # <state.dir>/incoming/wal/<source>. Set it when the daemon's state directory is closed to that user
+    # (deploy/README.md: a directory both users' group may write, e.g. mode 2770)
+    incoming: Path | None = None
 
     @field_validator("watch")
     @classmethod
@@ -307,7 +311,7 @@ class SourceConfig(_Model):
             raise ValueError("watch applies to tree sources only")
         return v
 
-    @field_validator("conninfo", "pg_bindir")
+    @field_validator("conninfo", "pg_bindir", "incoming")
     @classmethod
     def _postgres_only(cls, v: object, info: ValidationInfo) -> object:
         if v is not None and info.data.get("type") != "postgres":
@@ -583,7 +587,7 @@ class _KeyError(ValueError):
         self.key = key
 
 
-_PATH_KEYS = ("path", "dir", "file", "keyfile", "tokens_file", "tls_cert", "tls_key")
+_PATH_KEYS = ("path", "dir", "file", "keyfile", "tokens_file", "tls_cert", "tls_key", "incoming")
 
 
 def _resolve(base: Path, data: Any) -> Any:

@@ -182,13 +182,12 @@ def parse_marker(text: str) -> tuple[int, int, str]:
 # ---- wal-push ---------------------------------------------------------------------------------------
 
 
-def push(src: str, state_dir: str | os.PathLike[str], source: str) -> bool:
-    """Make `src` durable in the source's incoming directory. True if copied, False if it was already there
-    (same content). Raises WalPushError for anything that must not be acknowledged to PostgreSQL."""
+def push(src: str, d: str) -> bool:
+    """Make `src` durable in the source's incoming directory `d`. True if copied, False if it was already
+    there (same content). Raises WalPushError for anything that must not be acknowledged to PostgreSQL."""
     name = os.path.basename(src)
     if not is_wal_name(name):
         raise WalPushError(f"not a PostgreSQL WAL, history or backup file name: {name!r}", path=src)
-    d = incoming_dir(state_dir, source)
     try:
         fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
