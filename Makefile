@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.prune
 	$(BIN)/python -m benchmarks.scrub
 	$(BIN)/python -m benchmarks.loglag
+	$(BIN)/python -m benchmarks.watchlag
 	$(BIN)/python -m benchmarks.wal
 
 clean:
