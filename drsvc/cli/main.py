@@ -50,27 +50,53 @@ def exit_code(exc: DRError) -> int:
     return EXIT_FAILURE
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import argparse
+# verb -> the module that registers it, in the order `drsvc --help` lists them. Only the module of the verb
+# being run is imported: the others (aiohttp for `run`, rich, the drill and audit machinery, ...) cost a short
+# command such as `drsvc snapshot` a good part of its start-up. Help and unknown verbs load them all.
+VERB_MODULES = {
+    "init": "init_cmd",
+    "snapshot": "snapshot_cmd",
+    "ls": "ls_cmd",
+    "restore": "restore_cmd",
+    "forget": "forget_cmd",
+    "check": "check_cmd",
+    "prune": "prune_cmd",
+    "scrub": "scrub_cmd",
+    "status": "status_cmd",
+    "run": "run_cmd",
+    "keys": "keys_cmd",
+    "config": "config_cmd",
+    "wal-push": "wal_cmd",
+    "wal-fetch": "wal_cmd",
+    "wal-prefetch": "wal_cmd",
+    "token": "token_cmd",
+    "drill": "drill_cmd",
+    "audit": "audit_cmd",
+}
 
-    from drsvc.cli import (
-        audit_cmd,
-        check_cmd,
-        config_cmd,
-        drill_cmd,
-        forget_cmd,
-        init_cmd,
-        keys_cmd,
-        ls_cmd,
-        prune_cmd,
-        restore_cmd,
-        run_cmd,
-        scrub_cmd,
-        snapshot_cmd,
-        status_cmd,
-        token_cmd,
-        wal_cmd,
-    )
+
+def verb_of(argv: list[str]) -> str | None:
+    """The verb of a command line: the first argument past the global options (-c/--config FILE), or None
+    (no verb, or help asked for before it)."""
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-c", "--config"):
+            if rest:
+                rest.pop(0)
+        elif arg.startswith("--config=") or (arg.startswith("-c") and not arg.startswith("--")):
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the verb of `argv` registered (every verb when `argv` is None or names none)."""
+    import argparse
+    import importlib
 
     p = argparse.ArgumentParser(prog="drsvc", description="Cross-site disaster-recovery replication")
     p.add_argument(
@@ -80,26 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $DRSVC_CONFIG or /etc/drsvc/drsvc.toml)",
     )
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    verbs = (
-        init_cmd,
-        snapshot_cmd,
-        ls_cmd,
-        restore_cmd,
-        forget_cmd,
-        check_cmd,
-        prune_cmd,
-        scrub_cmd,
-        status_cmd,
-        run_cmd,
-        keys_cmd,
-        config_cmd,
-        wal_cmd,
-        token_cmd,
-        drill_cmd,
-        audit_cmd,
-    )
-    for mod in verbs:
-        mod.register(sub)
+    verb = verb_of(argv) if argv is not None else None
+    names = [VERB_MODULES[verb]] if verb in VERB_MODULES else list(dict.fromkeys(VERB_MODULES.values()))
+    for name in names:
+        importlib.import_module(f"drsvc.cli.{name}").register(sub)
     return p
 
 
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from drsvc.memory import tune_allocator
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     tune_allocator()
     handler: Handler = args.handler
     try:
