@@ -2,7 +2,9 @@
 
 1. ``DaemonApi(config, metrics)`` opens the job store (``<state.dir>/jobs.sqlite``; jobs a previous stop
    interrupted are failed-interrupted) and its runner (``api.max_restores``), the audit log, the token table
-   (an unusable tokens file refuses the start) and the TLS context (``tls_context``).
+   (an unusable tokens file refuses the start) and the TLS context (``tls_context``). The staging
+   directories of the interrupted restores (a daemon killed mid-restore leaves a partial copy of tenant data
+   beside the target) are removed before any new job can start (``remove_restore_leftovers``).
 2. ``start()`` expires old audit files once (``audit.keep``), then runs the audit task: every
    ``AUDIT_REPLICATE_EVERY`` seconds ``audit_once()`` ships the records the audit tenant's sites do not hold
    yet and, every ``AUDIT_EXPIRE_EVERY`` seconds of the clock, expires old files again. A failure is logged
@@ -19,9 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
+import shutil
 import ssl
+import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +42,7 @@ from drsvc.audit import audit_dir, open_log
 from drsvc.audit import replicate as ship_audit
 from drsvc.core.config import Config
 from drsvc.core.errors import ConfigError
-from drsvc.jobs import JobRunner, JobStore
+from drsvc.jobs import Job, JobRunner, JobStore
 from drsvc.metrics import Metrics
 from drsvc.site_loop import SiteLoop, request_observer
 
@@ -82,6 +88,62 @@ def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
         ) from None
 
 
+STAGING_MARK = ".drsvc-restore-"  # restore.Staging: .<target name>.drsvc-restore-<12 hex>[.<scratch>]
+
+
+def _staging_names(target: Path) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(target.name)}{re.escape(STAGING_MARK)}[0-9a-f]{{12}}(\.[^/]+)?$")
+
+
+def remove_restore_leftovers(jobs: Iterable[Job], config: Config) -> list[str]:
+    """Remove the staging (and scratch) directories that the interrupted restore `jobs` left beside their
+    targets: exactly ``.<target name>.drsvc-restore-<12 hex>`` and ``...<12 hex>.<scratch>``, real
+    directories (never a symlink), in a target's parent inside ``[restore] roots``. Logs each one removed,
+    and each that could not be; returns the paths removed. The target itself is never touched: a restore
+    puts its tree there only when it is complete."""
+    removed: list[str] = []
+    for job in jobs:
+        text = job.request.get("target") if job.kind == "restore" else None
+        if not isinstance(text, str) or not os.path.isabs(text):
+            continue
+        target = Path(text)
+        if not target.name or target.parent == target:
+            continue
+        try:
+            if not config.restore.roots:
+                raise ConfigError("no restore roots are configured", key="restore.roots")
+            parent = config.restore.check_target(target.parent)  # symlinks resolved: scan what was judged
+        except ConfigError as exc:  # not where today's config lets restores write: leave it, say so
+            log.warning(
+                "the staging directories of an interrupted restore were not looked for",
+                extra={"job": job.id, "target": text, "error": exc.message},
+            )
+            continue
+        names = _staging_names(target)
+        try:
+            entries = [e.name for e in os.scandir(parent) if names.match(e.name)]
+        except OSError:
+            continue  # the parent is gone: so is what was in it
+        for name in entries:
+            path = os.path.join(parent, name)
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    continue
+                shutil.rmtree(path)  # fd-based on Linux: does not follow symlinks inside
+            except OSError as exc:
+                log.error(
+                    "cannot remove the staging directory of an interrupted restore",
+                    extra={"job": job.id, "path": path, "error": exc.strerror or str(exc)},
+                )
+                continue
+            removed.append(path)
+            log.warning(
+                "removed the staging directory of an interrupted restore (a partial copy)",
+                extra={"job": job.id, "path": path, "target": text},
+            )
+    return removed
+
+
 class DaemonApi:
     """Jobs, audit log, tokens and TLS of the API, and its view of the Supervisor running now."""
 
@@ -103,6 +165,10 @@ class DaemonApi:
         self._expired_at: float | None = None  # clock time of the last audit expiry (None: not yet)
         if self.jobs.interrupted:
             log.warning("jobs interrupted by the last stop", extra={"jobs": self.jobs.interrupted})
+            found = [j for j in map(self.jobs.get, self.jobs.interrupted) if j is not None]
+            self.leftovers_removed = remove_restore_leftovers(found, config)
+        else:
+            self.leftovers_removed = []
 
     def web_app(self) -> web.Application:
         """The /v1 application for ``drsvc.http.make_app(..., api=...)``."""

@@ -249,7 +249,9 @@ class JobStore:
                 {
                     "code": "interrupted",
                     "message": "the daemon stopped while the job was queued or running",
-                    "hint": "submit the job again; a restore left nothing half-written in its target",
+                    "hint": "submit the job again; an interrupted restore never puts anything in its "
+                    "target, and the daemon removes the partial copy in its staging directory beside the "
+                    "target when it starts (its log names what it removed)",
                 }
             )
             self.db.execute("BEGIN IMMEDIATE")
@@ -313,9 +315,16 @@ class JobStore:
         return None if row is None else _job(row)
 
     def list(
-        self, kind: JobKind | None = None, tenants: Iterable[str] | None = None, limit: int = 50
+        self,
+        kind: JobKind | None = None,
+        tenants: Iterable[str] | None = None,
+        limit: int = 50,
+        *,
+        within: Iterable[str] | None = None,
     ) -> list[Job]:
-        """Newest first; with `tenants`, only the jobs touching any of them."""
+        """Newest first; with `tenants`, only the jobs touching any of them; with `within`, only the jobs
+        whose tenants are all among `within` (what a token scoped to those tenants may see: a drill of two
+        tenants is not shown to a token of one of them)."""
         where: list[str] = []
         args: list[Any] = []
         if kind is not None:
@@ -328,6 +337,12 @@ class JobStore:
             marks = ", ".join("?" * len(names))
             where.append(f"id IN (SELECT job_id FROM job_tenants WHERE tenant IN ({marks}))")
             args += names
+        if within is not None:
+            scope = sorted(set(within))
+            marks = ", ".join("?" * len(scope))
+            outside = f"tenant NOT IN ({marks})" if scope else "1"
+            where.append(f"NOT EXISTS (SELECT 1 FROM job_tenants WHERE job_id = jobs.id AND {outside})")
+            args += scope
         sql = f"SELECT {_COLUMNS} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)

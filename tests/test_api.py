@@ -2,7 +2,10 @@
 
 Every endpoint, the auth matrix (no token, bad token, viewer vs operator, another tenant), restore targets
 outside the roots, dry runs, cancel, concurrent restores under max_restores, a daemon stop or kill during a
-restore, drills, the audit trail (and a failing audit log), TLS and `drsvc token new`.
+restore, drills, the audit trail (and a failing audit log), TLS and `drsvc token new`. The findings of the
+security review each have a test: inline plans with probes, listings of multi-tenant jobs, plan sources
+checked before the plan, explicit token scopes, GET /v1/audit, staging directories of a killed restore, the
+plain-HTTP warning and 403s that do not name the other tenant.
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import FAST_SCRYPT, PASSPHRASE, tree_state
 
-from drsvc.api.auth import hash_token
+from drsvc.api.auth import hash_token, read_tokens_file
 from drsvc.api.openapi import document
 from drsvc.app import App
 from drsvc.cli.main import main as cli_main
+from drsvc.cli.run_cmd import plaintext_api_exposure
 from drsvc.core.config import Config, parse_config
-from drsvc.daemon_api import DaemonApi, tls_context
+from drsvc.core.errors import ConfigError
+from drsvc.daemon_api import DaemonApi, remove_restore_leftovers, tls_context
 from drsvc.http import HealthChecks, make_app, serve
+from drsvc.jobs import Job
 from drsvc.metrics import Metrics
 from drsvc.supervisor import Supervisor
 
@@ -48,6 +54,7 @@ TOKENS = {  # name: (token, role, tenants)
     "op-fin": ("o-fin-secret", "operator", ["fin"]),
     "op-hr": ("o-hr-secret", "operator", ["hr"]),
     "admin": ("a-all-secret", "admin", ["*"]),
+    "admin-fin": ("a-fin-secret", "admin", ["fin"]),
 }
 
 
@@ -76,6 +83,7 @@ def config_data(tmp: Path, **api: Any) -> dict[str, Any]:
             **api,
         },
         "restore": {"roots": [str(tmp / "restores")]},
+        "audit": {"tenant": "fin"},
         "tenants": {
             "fin": {"key": {"passphrase": {"value": PASSPHRASE}}},
             "hr": {"key": {"passphrase": {"value": PASSPHRASE}}},
@@ -254,20 +262,22 @@ async def test_auth_matrix(daemon: DaemonFactory) -> None:
         assert err["code"] == "forbidden" and "operator role" in err["message"] and "viewer" in err["message"]
     assert not (d.tmp / "restores" / "v").exists()
 
-    # another tenant: hidden from listings, 403 naming the tenant when named
+    # another tenant: hidden from listings, 403 when named, naming the token and its own tenants only
     status, body = await d.call("GET", "/v1/sources", "op-hr")
     assert [s["name"] for s in body["sources"]] == ["staff"]
     status, body = await d.call("GET", "/v1/sites", "op-hr")
     assert [s["name"] for s in body["sites"]] == ["b"] and body["sites"][0]["tenants"] == ["hr"]
     status, err = await d.call("GET", "/v1/sources/docs", "op-hr")
-    assert status == 403 and "tenant 'fin'" in err["message"]
+    assert status == 403 and "token 'op-hr' (tenants: hr)" in err["message"]
+    assert "fin" not in err["message"]
     status, err = await d.call("POST", "/v1/restores", "op-hr", {"source": "docs", "target": target})
-    assert status == 403 and "tenant 'fin'" in err["message"]
+    assert status == 403 and "fin" not in err["message"]
     status, err = await d.call("POST", "/v1/sources/docs/snapshots", "op-hr")
     assert status == 403
     status, job = await d.call("POST", "/v1/restores", "op-fin", {"source": "docs", "target": target})
     assert status == 202
-    assert (await d.call("GET", f"/v1/restores/{job['id']}", "op-hr"))[0] == 403
+    status, err = await d.call("GET", f"/v1/restores/{job['id']}", "op-hr")
+    assert status == 403 and "fin" not in err["message"]
     assert (await d.call("DELETE", f"/v1/restores/{job['id']}", "op-hr"))[0] == 403
     assert (await d.call("GET", "/v1/restores", "op-hr"))[1] == {"restores": []}
     assert [j["id"] for j in (await d.call("GET", "/v1/restores", "admin"))[1]["restores"]] == [job["id"]]
@@ -282,12 +292,22 @@ async def test_tokens_file_is_read_again_on_reload(daemon: DaemonFactory, tmp_pa
     d = await daemon(tokens_file=str(tokens))
     resp = await d.client.get("/v1/sources", headers={"Authorization": "Bearer robot-1"})
     assert resp.status == 200
-    tokens.write_text(f'[tokens.robot]\nhash = "{hash_token("robot-2")}"\nrole = "viewer"\n')
+    tokens.write_text(
+        f'[tokens.robot]\nhash = "{hash_token("robot-2")}"\nrole = "viewer"\ntenants = ["fin"]\n'
+    )
     d.api.reload(d.config)
     assert (await d.client.get("/v1/sources", headers={"Authorization": "Bearer robot-1"})).status == 401
     assert (await d.client.get("/v1/sources", headers={"Authorization": "Bearer robot-2"})).status == 200
     tokens.write_text("[tokens.robot]\nhash = 'not a hash'\n")  # unusable: the previous tokens stay
     d.api.reload(d.config)
+    assert (await d.client.get("/v1/sources", headers={"Authorization": "Bearer robot-2"})).status == 200
+    # a token without tenants: the file is unusable (a scope is never implied), the previous tokens stay
+    tokens.write_text(f'[tokens.robot]\nhash = "{hash_token("robot-3")}"\nrole = "viewer"\n')
+    with pytest.raises(ConfigError) as info:
+        read_tokens_file(tokens, d.config)
+    assert info.value.fields["key"] == "tokens.robot.tenants"
+    d.api.reload(d.config)
+    assert (await d.client.get("/v1/sources", headers={"Authorization": "Bearer robot-3"})).status == 401
     assert (await d.client.get("/v1/sources", headers={"Authorization": "Bearer robot-2"})).status == 200
 
 
@@ -473,9 +493,14 @@ def _http(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any
         return 0, None
 
 
+def staging(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".drsvc-restore-" in p.name)
+
+
 def test_drsvc_run_killed_during_a_restore_then_restarted(tmp_path: Path) -> None:
-    """`drsvc run` gets SIGKILL while a restore runs (the site's bandwidth keeps it running); after the next
-    start the job reads failed-interrupted, and the target holds nothing."""
+    """`drsvc run` gets SIGKILL while a restore runs (the site's bandwidth keeps it running), leaving a
+    partial copy in the staging directory beside the target; after the next start the job reads
+    failed-interrupted, the target holds nothing and the staging directory is gone."""
     corpus(tmp_path / "src", files=30, seed=3)  # ~1.8 MB
     port = _free_port()
     token, digest = "kill-test-token", hash_token("kill-test-token")
@@ -483,7 +508,8 @@ def test_drsvc_run_killed_during_a_restore_then_restarted(tmp_path: Path) -> Non
         f'[state]\ndir = "{tmp_path}/state"\n'
         f'[daemon]\nlisten = "127.0.0.1:{port}"\ntick = 0.2\ndrain_timeout = 2\n'
         f'[restore]\nroots = ["{tmp_path}/restores"]\n'
-        f'[api.tokens.ops]\nhash = "{digest}"\nrole = "operator"\n'
+        f'[api.tokens.ops]\nhash = "{digest}"\nrole = "operator"\ntenants = ["fin"]\n'
+        '[audit]\ntenant = "fin"\n'
         '[tenants.fin.key.passphrase]\nvalue = "pw"\n'
         f'[sources.docs]\ntenant = "fin"\ntype = "tree"\npath = "{tmp_path}/src"\nsites = ["a"]\n'
         'interval = "1h"\n'
@@ -510,8 +536,13 @@ def test_drsvc_run_killed_during_a_restore_then_restarted(tmp_path: Path) -> Non
         while (state := _http("GET", f"{url}/v1/restores/{job['id']}", token)[1]["state"]) == "queued":
             time.sleep(0.05)
         assert state == "running"
+        deadline = time.monotonic() + 30
+        while not staging(tmp_path / "restores"):  # Staging.create runs once the plan is read
+            assert time.monotonic() < deadline, "no staging directory appeared"
+            time.sleep(0.02)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()
+        assert staging(tmp_path / "restores")  # the partial copy a kill leaves
         procs.append(subprocess.Popen([*cli, "run"], stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 30
         while (got := _http("GET", f"{url}/v1/restores/{job['id']}", token))[0] != 200:
@@ -519,7 +550,9 @@ def test_drsvc_run_killed_during_a_restore_then_restarted(tmp_path: Path) -> Non
             time.sleep(0.1)
         assert got[1]["state"] == "failed-interrupted", got
         assert got[1]["error"]["code"] == "interrupted"
+        assert "staging directory" in got[1]["error"]["hint"]
         assert not target.exists()
+        assert staging(tmp_path / "restores") == []  # removed at the start
     finally:
         for p in procs:
             if p.poll() is None:
@@ -560,7 +593,7 @@ async def test_drill_requests_that_are_refused_and_plan_files(daemon: DaemonFact
     d = await daemon()
     cases: list[tuple[Any, int, str]] = [
         ({"plan": {"sources": []}}, 400, "plan.sources"),
-        ({"plan": {"sources": [{"source": "nope"}]}}, 400, "plan.sources[0].source"),
+        ({"plan": {"sources": [{"source": "nope"}]}}, 403, "plan.sources[0].source"),  # op-fin: not its
         ({"plan": {"sources": [{"source": "docs"}], "scratch": "/tmp/elsewhere"}}, 422, "plan.scratch"),
         ({"plan": {"sources": [{"source": "docs"}]}}, 422, "plan.scratch"),  # default scratch: outside roots
         ({"plan_file": "../../etc/passwd"}, 400, "plan_file"),
@@ -576,7 +609,7 @@ async def test_drill_requests_that_are_refused_and_plan_files(daemon: DaemonFact
     scratch = d.tmp / "restores" / "s"
     (plans / "weekly.toml").write_text(f'scratch = "{scratch}"\n[[sources]]\nsource = "staff"\n')
     status, err = await d.call("POST", "/v1/drills", "op-fin", {"plan_file": "weekly"})
-    assert status == 403 and "tenant 'hr'" in err["message"]
+    assert status == 403 and "hr" not in err["message"] and err["field"] == "plan.sources[0].source"
     d.api.gate.clear()
     status, job = await d.call("POST", "/v1/drills", "op-hr", {"plan_file": "weekly"})
     assert status == 202 and job["request"]["plan_file"] == "weekly"
@@ -586,6 +619,170 @@ async def test_drill_requests_that_are_refused_and_plan_files(daemon: DaemonFact
     assert status == 200 and cancelled["state"] == "cancelled"
     status, err = await d.call("GET", f"/v1/drills/{job['id']}/report.html", "op-hr")
     assert status == 404
+
+
+async def test_plan_sources_are_checked_for_scope_before_the_plan_is_parsed(daemon: DaemonFactory) -> None:
+    """Another tenant's source, or an unknown one, gets one 403 that names neither the other tenant nor
+    anything of it (its sites, the other sources); only sources in scope reach the parser's errors."""
+    d = await daemon()
+    answers = []
+    for plan in (
+        {"sources": [{"source": "nope"}]},  # unknown
+        {"sources": [{"source": "staff"}]},  # hr's
+        {"sources": [{"source": "staff", "sites": ["zz"]}]},  # hr's, with a bad site: hr's sites unnamed
+        {"sources": [{"source": "docs"}, {"source": "staff", "points": ["never"]}]},
+    ):
+        status, err = await d.call("POST", "/v1/drills", "op-fin", {"plan": plan})
+        assert status == 403 and err["code"] == "forbidden", err
+        for other in ("'hr'", "tenant 'hr'", "configured", "'b'", "'a'"):
+            assert other not in err["message"], err
+        assert "its sources: docs" in err["message"]
+        answers.append(err["message"].replace("'nope'", "'staff'"))
+    assert answers[0] == answers[1]  # unknown or another tenant's: the same answer, no existence oracle
+    status, err = await d.call(
+        "POST", "/v1/drills", "op-fin", {"plan": {"sources": [{"source": "docs", "sites": ["zz"]}]}}
+    )
+    assert status == 400 and err["field"] == "plan.sources[0].sites" and "'a', 'b'" not in err["message"]
+    status, err = await d.call("POST", "/v1/drills", "admin", {"plan": {"sources": [{"source": "nope"}]}})
+    assert status == 400 and err["field"] == "plan.sources[0].source" and "docs, staff" in err["message"]
+    assert (await d.call("GET", "/v1/drills", "admin"))[1] == {"drills": []}
+    refused = [r for r in d.audit() if r["who"] == "op-fin"]
+    assert refused and all(r["status"] == 403 for r in refused[:4])
+    assert refused[1]["tenant"] == "hr"  # the audit log (admins only) records whose source it was
+
+
+@dataclass
+class Bare:
+    """A DaemonApi with no supervisor behind it (reads of jobs and the audit log, refusals), on a config
+    that may have more sources (a postgres one) than the daemon fixture's."""
+
+    api: DaemonApi
+    client: TestClient[web.Request, web.Application]
+
+    async def call(self, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+        resp = await self.client.request(method, path, headers=bearer(token), json=body)
+        return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def bare(tmp_path: Path) -> AsyncIterator[Bare]:
+    data = config_data(tmp_path)
+    data["sources"]["ledger"] = {
+        "tenant": "fin", "type": "postgres", "path": str(tmp_path / "pg"), "sites": ["a"],
+    }  # fmt: skip
+    (tmp_path / "restores").mkdir()
+    dapi = DaemonApi(parse_config(data), Metrics(version="test"))
+    client = TestClient(TestServer(make_app(Metrics(version="test"), HealthChecks(lambda: True,
+                        lambda: (True, [])), api=dapi.web_app())))  # fmt: skip
+    await client.start_server()
+    yield Bare(dapi, client)
+    await client.close()
+    dapi.stopping = True
+    await dapi.runner.close()
+    await asyncio.to_thread(dapi.audit.close)
+    await asyncio.to_thread(dapi.jobs.close)
+
+
+async def test_an_inline_plan_may_not_carry_postgres_probes(bare: Bare, tmp_path: Path) -> None:
+    """Probes are SQL run as the restored cluster's superuser (pg_read_file, COPY ... TO PROGRAM): an
+    inline plan with probes is refused for every role; a plan file (the administrator's) may have them."""
+    scratch = str(tmp_path / "restores" / "scratch")
+    probe = [{"sql": "SELECT pg_read_file('/etc/drsvc/drsvc.toml')", "expect": "x"}]
+    plan = {"scratch": scratch, "sources": [{"source": "docs"}, {"source": "ledger", "probes": probe}]}
+    for token in ("op-fin", "admin"):
+        status, err = await bare.call("POST", "/v1/drills", token, {"plan": plan})
+        assert status == 400 and err["code"] == "invalid_plan", err
+        assert err["field"] == "plan.sources[1].probes" and "plan_file" in err["message"]
+    assert bare.api.jobs.list() == []
+    plans = tmp_path / "state" / "drills" / "plans"
+    plans.mkdir(parents=True)
+    (plans / "pg.toml").write_text(
+        f'scratch = "{scratch}"\n[[sources]]\nsource = "ledger"\n'
+        '[[sources.probes]]\nsql = "SELECT 1"\nexpect = 1\n'
+    )
+    status, err = await bare.call("POST", "/v1/drills", "op-fin", {"plan_file": "pg"})
+    assert status == 503 and err["code"] == "draining", err  # accepted up to the act (no supervisor here)
+
+
+async def test_listings_show_only_jobs_wholly_within_the_tokens_scope(bare: Bare) -> None:
+    both = bare.api.jobs.create("drill", ["fin", "hr"], "admin", {"plan": {"name": "both"}})
+    fin = bare.api.jobs.create("drill", ["fin"], "op-fin", {"plan": {"name": "fin"}})
+    restore = bare.api.jobs.create("restore", ["hr"], "op-hr", {"source": "staff"})
+    status, body = await bare.call("GET", "/v1/drills", "op-fin")
+    assert status == 200 and [j["id"] for j in body["drills"]] == [fin.id]
+    assert [j["id"] for j in (await bare.call("GET", "/v1/drills", "op-hr"))[1]["drills"]] == []
+    assert [j["id"] for j in (await bare.call("GET", "/v1/drills", "admin"))[1]["drills"]] == [
+        fin.id,
+        both.id,
+    ]
+    assert (await bare.call("GET", f"/v1/drills/{both.id}", "op-fin"))[0] == 403
+    assert [j["id"] for j in (await bare.call("GET", "/v1/restores", "op-hr"))[1]["restores"]] == [restore.id]
+    assert (await bare.call("GET", "/v1/restores", "op-fin"))[1] == {"restores": []}
+
+
+async def test_audit_endpoint_is_for_admins_and_scoped(bare: Bare) -> None:
+    log = bare.api.audit
+    for who, tenant, target in (
+        ("op-fin", "fin", {"source": "docs"}),
+        ("op-hr", "hr", {"source": "staff"}),
+        ("anonymous", None, {}),
+        ("admin", "fin", {"plan": "both", "tenants": ["fin", "hr"]}),
+        ("op-fin", "fin", {"job": "1" * 32}),
+    ):
+        log.append(who=who, action="POST /v1/x", target=target, result="ok", status=202, tenant=tenant)
+    for token in ("viewer-fin", "op-fin"):
+        status, err = await bare.call("GET", "/v1/audit", token)
+        assert status == 403 and "admin role" in err["message"], err
+    status, body = await bare.call("GET", "/v1/audit", "admin")
+    assert status == 200 and [r["who"] for r in body["records"]] == [
+        "op-fin",
+        "op-hr",
+        "anonymous",
+        "admin",
+        "op-fin",
+    ]
+    assert body["verify"]["intact"] is True and body["verify"]["records"] == 5 and body["more"] is False
+    status, body = await bare.call("GET", "/v1/audit", "admin-fin")
+    assert status == 200 and [r["target"] for r in body["records"]] == [{"source": "docs"}, {"job": "1" * 32}]
+    status, page = await bare.call("GET", "/v1/audit?limit=1", "admin-fin")
+    assert [r["seq"] for r in page["records"]] == [1] and page["more"] is True
+    status, rest = await bare.call("GET", f"/v1/audit?since={page['next']}", "admin-fin")
+    assert [r["seq"] for r in rest["records"]] == [5] and rest["more"] is False
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    status, none = await bare.call("GET", f"/v1/audit?since=@{future.timestamp():.3f}", "admin")
+    assert status == 200 and none["records"] == []
+    for bad in ("since=yesterday", "limit=0", "limit=1001"):
+        status, err = await bare.call("GET", f"/v1/audit?{bad}", "admin")
+        assert status == 400 and err["field"] == bad.split("=")[0], err
+
+
+def test_interrupted_restores_staging_directories_are_removed(tmp_path: Path) -> None:
+    config = parse_config(config_data(tmp_path))
+    roots = tmp_path / "restores"
+    (roots / "deep").mkdir(parents=True)
+    target = roots / "deep" / "docs"
+    leftovers = [".docs.drsvc-restore-0123456789ab", ".docs.drsvc-restore-0123456789ab.gens"]
+    kept = [".docs.drsvc-restore-0123", ".docs2.drsvc-restore-0123456789ab", "docs", ".other"]
+    for name in leftovers + kept:
+        (roots / "deep" / name).mkdir()
+    (roots / "deep" / leftovers[0] / "f.bin").write_bytes(b"tenant data")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", roots / "deep" / ".docs.drsvc-restore-ba9876543210")
+    outside = tmp_path / "out" / ".x.drsvc-restore-0123456789ab"
+    outside.mkdir(parents=True)
+
+    def job(kind: str, target: str) -> Job:
+        return Job("0" * 32, kind, ("fin",), "op-fin", {"target": target}, "failed-interrupted",  # type: ignore[arg-type]
+                   0.0, None, 1.0, {}, None, None)  # fmt: skip
+
+    removed = remove_restore_leftovers(
+        [job("restore", str(target)), job("drill", str(target)), job("restore", str(tmp_path / "out" / "x"))],
+        config,
+    )
+    assert sorted(removed) == sorted(str(roots / "deep" / n) for n in leftovers)
+    left = sorted(p.name for p in (roots / "deep").iterdir())
+    assert left == sorted([*kept, ".docs.drsvc-restore-ba9876543210"])  # a symlink is never followed
+    assert (tmp_path / "elsewhere").exists() and outside.exists()  # outside the roots: left alone
 
 
 # -- audit ---------------------------------------------------------------------------------------------
@@ -711,10 +908,37 @@ def test_token_new_prints_the_token_once_and_its_hashed_entry(capsys: pytest.Cap
         "tenants": ["fin"],
     }
     assert len(token) >= 43 and token not in entry
-    assert cli_main(["token", "new", "bot", "--role", "viewer", "--tokens-file", "--json"]) == 0
+    cmd = ["token", "new", "bot", "--role", "viewer", "--tokens-file", "--json"]
+    assert cli_main([*cmd, "--all-tenants"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["tenants"] == ["*"] and doc["hash"] == hash_token(doc["token"])
-    assert cli_main(["token", "new", "Bad Name", "--role", "viewer"]) == 2
+    assert cli_main([*cmd, "--tenant", "fin", "--tenant", "hr"]) == 0
+    assert json.loads(capsys.readouterr().out)["tenants"] == ["fin", "hr"]
+    for scope in ([], ["--tenant", "fin", "--all-tenants"]):  # the scope is explicit, and one of the two
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([*cmd, *scope])
+        assert exit_.value.code == 2
+        assert "--tenant" in capsys.readouterr().err
+    assert cli_main(["token", "new", "Bad Name", "--role", "viewer", "--tenant", "fin"]) == 2
+
+
+def test_a_plain_http_api_beyond_loopback_is_warned_about(tmp_path: Path) -> None:
+    def warning(listen: str, **api: Any) -> str | None:
+        data = config_data(tmp_path, **api)
+        data["daemon"] = {"listen": listen}
+        return plaintext_api_exposure(parse_config(data))
+
+    assert warning("0.0.0.0:8080") is not None and "tls_cert" in (warning("0.0.0.0:8080") or "")
+    assert warning("10.1.2.3:8080") is not None and warning("[::]:8080") is not None
+    assert warning("drsvc.example:8080") is not None
+    for loopback in ("127.0.0.1:8080", "127.0.0.5:8080", "[::1]:8080", "localhost:8080"):
+        assert warning(loopback) is None, loopback
+    cert, key = _self_signed(tmp_path)
+    assert warning("0.0.0.0:8080", tls_cert=str(cert), tls_key=str(key)) is None
+    data = config_data(tmp_path)
+    data["daemon"] = {"listen": "0.0.0.0:8080"}
+    del data["api"]["tokens"]
+    assert plaintext_api_exposure(parse_config(data)) is None  # no API tokens: nothing to protect
 
 
 async def until(cond: Callable[[], bool]) -> None:

@@ -197,6 +197,31 @@ def _drop(*path: str) -> Callable[[dict[str, Any]], None]:
             "api.tokens.ann.tenants",
             "unknown tenant 'x'",
         ),
+        (  # a token's scope is never implied
+            _set(
+                "api",
+                value={"tokens": {"ann": {"hash": "sha256:" + "0" * 64, "role": "viewer"}}},
+            ),
+            "api.tokens.ann.tenants",
+            'or ["*"] for every tenant',
+        ),
+        (
+            _set(
+                "api",
+                value={"tokens": {"ann": {"hash": "sha256:" + "0" * 64, "role": "viewer", "tenants": []}}},
+            ),
+            "api.tokens.ann.tenants",
+            "must name the tenants",
+        ),
+        (  # an API with tokens needs its audit log replicated
+            _set(
+                "api",
+                value={"tokens": {"ann": {"hash": "sha256:" + "0" * 64, "role": "viewer", "tenants": ["*"]}}},
+            ),
+            "audit.tenant",
+            "must be replicated",
+        ),
+        (_set("api", value={"tokens_file": "/etc/drsvc/tokens.toml"}), "audit.tenant", "[audit] tenant"),
     ],
 )
 def test_errors_name_the_key(change: Callable[[dict[str, Any]], None], key: str, message: str) -> None:
@@ -207,6 +232,20 @@ def test_errors_name_the_key(change: Callable[[dict[str, Any]], None], key: str,
     assert info.value.fields["key"].startswith(key), info.value.fields
     assert message in info.value.message
     assert "drsvc config check" in info.value.hint
+
+
+def test_an_api_with_an_explicit_scope_and_a_replicated_audit_log() -> None:
+    data = base()
+    data["api"] = {
+        "tokens": {
+            "ann": {"hash": "sha256:" + "0" * 64, "role": "viewer", "tenants": ["hr"]},
+            "bob": {"hash": "sha256:" + "1" * 64, "role": "admin", "tenants": ["*"]},
+        }
+    }
+    data["audit"] = {"tenant": "hr"}
+    cfg = parse_config(data)
+    assert cfg.api.tokens["ann"].tenants == ("hr",) and cfg.api.tokens["bob"].tenants == ("*",)
+    assert parse_config(base()).audit.tenant is None  # no API tokens: no audit tenant needed
 
 
 @pytest.mark.parametrize("name", ["local", "s3"])

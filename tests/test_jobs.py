@@ -132,6 +132,20 @@ def test_list_newest_first_with_filters(store: JobStore) -> None:
     assert [j.id for j in store.list(limit=1)] == [c.id]
 
 
+def test_list_within_a_scope_shows_only_jobs_wholly_inside_it(store: JobStore) -> None:
+    """A token of one tenant must not see a drill that also touches another tenant (it would read that
+    tenant's scenarios and report): `within` keeps the jobs whose tenants are all in the scope."""
+    a = store.create("restore", ["fin"], "a", {})
+    b = store.create("drill", ["hr", "fin"], "a", {})
+    c = store.create("restore", ["hr"], "a", {})
+    assert [j.id for j in store.list(within=["fin"])] == [a.id]
+    assert [j.id for j in store.list(within=["hr"])] == [c.id]
+    assert [j.id for j in store.list(within=["fin", "hr", "ops"])] == [c.id, b.id, a.id]
+    assert [j.id for j in store.list(kind="drill", within=["fin", "hr"])] == [b.id]
+    assert store.list(within=["ops"]) == [] and store.list(within=[]) == []
+    assert [j.id for j in store.list(within=["fin", "hr"], limit=1)] == [c.id]
+
+
 async def test_concurrency_limit_second_job_waits_queued(store: JobStore) -> None:
     runner = JobRunner(store, max_running=1)
     release = {1: asyncio.Event(), 2: asyncio.Event()}

@@ -9,14 +9,16 @@
 3. A handler that changes something validates first, then calls ``guard.act`` (503 while draining, the
    audit attempt record, 503 if it cannot be written), then acts: a snapshot request to the supervisor, or
    a job (restore, drill) queued on the runner, which runs it on an App of its own.
-4. ``openapi.py`` describes every route, request and answer; the document is served as built.
+4. Roles: viewer reads, operator also changes (snapshot, restore, drill, cancel), admin also reads the
+   audit log (``GET /v1/audit``, ``auditlog.py``). Everything is scoped to the token's tenants.
+5. ``openapi.py`` describes every route, request and answer; the document is served as built.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from drsvc.api import drills, restores, sites, sources
+from drsvc.api import auditlog, drills, restores, sites, sources
 from drsvc.api.errors import errors_middleware
 from drsvc.api.guard import audit_middleware, auth_middleware
 from drsvc.api.openapi import document
@@ -46,6 +48,7 @@ def make_api(context: ApiContext) -> web.Application:
     r.add_get("/drills/{id}", drills.get_drill, allow_head=False)
     r.add_delete("/drills/{id}", drills.cancel_drill)
     r.add_get("/drills/{id}/report.html", drills.drill_report_html, allow_head=False)
+    r.add_get("/audit", auditlog.get_audit, allow_head=False)
     return api
 
 

@@ -6,7 +6,8 @@
    time (``hmac.compare_digest``, no early exit), so timing tells nothing about which hash came close.
 3. No header, a malformed one or an unknown token: 401 ``unauthorized`` with ``WWW-Authenticate: Bearer``.
 4. Roles are ordered viewer < operator < admin; ``require(principal, role)`` raises 403 ``forbidden`` naming
-   the role needed; ``require_tenant`` raises 403 naming the tenant the token is not scoped to.
+   the role needed; ``require_tenant`` raises 403 naming the token and its own tenants, never the other
+   tenant (a 403 must not tell a caller which tenant owns a source or job it may not see).
 """
 
 from __future__ import annotations
@@ -140,11 +141,15 @@ def require(principal: Principal, role: Role, what: str) -> None:
         )
 
 
+def out_of_scope(principal: Principal, what: str) -> ApiError:
+    """403 for something of a tenant outside the token's scope: names the token and its own tenants only."""
+    return ApiError(
+        403,
+        "forbidden",
+        f"{what} is outside the scope of token {principal.name!r} (tenants: {', '.join(principal.tenants)})",
+    )
+
+
 def require_tenant(principal: Principal, tenant: str, what: str) -> None:
     if not principal.sees(tenant):
-        raise ApiError(
-            403,
-            "forbidden",
-            f"{what} belongs to tenant {tenant!r}, outside the scope of token {principal.name!r} "
-            f"({', '.join(principal.tenants)})",
-        )
+        raise out_of_scope(principal, what)

@@ -5,19 +5,36 @@
 plan's scratch directory must lie inside ``[restore] roots``; with no roots configured, only the default
 scratch (under the drill dir) is accepted. The job's result holds the drill's report; ``report.html`` renders
 it.
+
+Starting a drill, in this order:
+
+1. The plan's sources, before anything else is judged: each must be a source of the token's tenants. A
+   source of another tenant, and (for a token not scoped to every tenant) an unknown one, is 403 with one
+   message naming only the source given and the token's own tenants, so that the answer tells nothing about
+   other tenants (not even whether the source exists). Only then is the plan parsed, so its errors (a bad
+   site, a bad point) can only be about the caller's own sources.
+2. An inline plan may not contain postgres ``probes`` (400 ``invalid_plan``, field
+   ``plan.sources[i].probes``): a probe is SQL run by ``psql`` as the restored cluster's superuser, whose
+   answer comes back in the report, which is arbitrary code on the daemon's host (``COPY ... TO PROGRAM``).
+   Probes come only from plan files, which whoever administers the host writes.
+3. Parse and check the plan (400 naming the key), the scratch directory (422), then the audit attempt record
+   and the job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from drsvc.api.auth import Principal, out_of_scope
 from drsvc.api.errors import ApiError, bad_request, not_found
-from drsvc.api.guard import act, in_tenant, note, principal
+from drsvc.api.guard import act, audit_tenant, in_tenant, note, principal
 from drsvc.api.jobs import cancel_job, find_job, get_job, job_body, json_body, list_jobs
 from drsvc.api.view import context
 from drsvc.core.config import Config
@@ -38,8 +55,68 @@ def _plan_error(exc: ConfigError) -> ApiError:
     return ApiError(400, "invalid_plan", exc.message, field=exc.fields.get("key"), hint=exc.hint)
 
 
-async def _read_plan(body: dict[str, Any], config: Config) -> tuple[Plan, dict[str, Any]]:
-    """The checked plan and what the job records as its request."""
+def _source_entries(table: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
+    """The plan's ``sources`` entries that are tables, with their index (the parser judges the rest)."""
+    sources = table.get("sources")
+    if not isinstance(sources, list):
+        return []
+    return [(i, entry) for i, entry in enumerate(sources) if isinstance(entry, Mapping)]
+
+
+def _check_scope(table: Mapping[str, Any], config: Config, who: Principal, request: web.Request) -> None:
+    """Step 1: every source the plan names is a source of the token's tenants (see the module docstring)."""
+    for i, entry in _source_entries(table):
+        name = entry.get("source")
+        if not isinstance(name, str):
+            continue
+        field = f"plan.sources[{i}].source"
+        sc = config.sources.get(name)
+        if sc is None and "*" in who.tenants:  # every source is the caller's: it may know what exists
+            raise ApiError(
+                400,
+                "invalid_plan",
+                f"drill plan: no source {name!r} in the config; configured: "
+                f"{', '.join(sorted(config.sources)) or 'none'}",
+                field=field,
+            )
+        if sc is None or not who.sees(sc.tenant):
+            if sc is not None:
+                audit_tenant(request, sc.tenant)
+            mine = sorted(n for n, s in config.sources.items() if who.sees(s.tenant))
+            refused = out_of_scope(who, f"source {name!r} of the drill plan").message
+            raise ApiError(
+                403, "forbidden", f"{refused}; its sources: {', '.join(mine) or 'none'}", field=field
+            )
+
+
+def _refuse_probes(table: Mapping[str, Any]) -> None:
+    """Step 2: no postgres probes in an inline plan."""
+    for i, entry in _source_entries(table):
+        if entry.get("probes"):
+            raise ApiError(
+                400,
+                "invalid_plan",
+                "an inline drill plan may not contain probes: a probe is SQL run as the restored cluster's "
+                "superuser; probes come only from plan files in the drill directory's plans/ (plan_file)",
+                field=f"plan.sources[{i}].probes",
+                hint='put the plan in <[drill] dir>/plans/NAME.toml and start it with {"plan_file": "NAME"}',
+            )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A plan file's table, for the scope check before it is parsed (load_plan reads it again)."""
+    try:
+        return tomllib.loads(path.read_bytes().decode())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the drill plan: {exc.strerror}", key="plan_file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the drill plan is not valid TOML: {exc}", key="plan_file") from None
+
+
+async def _read_plan(
+    body: dict[str, Any], config: Config, who: Principal, request: web.Request
+) -> tuple[Plan, dict[str, Any]]:
+    """The checked plan and what the job records as its request (steps 1 to 3 of the module docstring)."""
     extra = sorted(set(body) - {"plan", "plan_file"})
     if extra:
         raise bad_request(f"unknown field {extra[0]!r}; expected plan or plan_file", field=extra[0])
@@ -49,6 +126,8 @@ async def _read_plan(body: dict[str, Any], config: Config) -> tuple[Plan, dict[s
         table = body["plan"]
         if not isinstance(table, dict):
             raise bad_request("plan must be a JSON object (a drill plan table)", field="plan")
+        _check_scope(table, config, who, request)
+        _refuse_probes(table)
         try:
             return parse_plan(table, config), {"plan": table}
         except ConfigError as exc:
@@ -63,6 +142,7 @@ async def _read_plan(body: dict[str, Any], config: Config) -> tuple[Plan, dict[s
     if not await asyncio.to_thread(path.is_file):
         raise not_found(f"no drill plan {name!r} in {plans_dir(config)}")
     try:
+        _check_scope(await asyncio.to_thread(_read_toml, path), config, who, request)
         return await asyncio.to_thread(load_plan, path, config), {"plan_file": name, "path": str(path)}
     except ConfigError as exc:
         raise _plan_error(exc) from None
@@ -91,9 +171,9 @@ async def start_drill(request: web.Request) -> web.Response:
     body = await json_body(request)
     if isinstance(body.get("plan_file"), str):
         note(request, plan_file=body["plan_file"])
-    plan, recorded = await _read_plan(body, config)
+    plan, recorded = await _read_plan(body, config, who, request)
     tenants = list(dict.fromkeys(sp.tenant for sp in plan.sources))
-    for tenant in tenants:
+    for tenant in tenants:  # checked before parsing already; the plan file may have changed since
         in_tenant(who, tenant, f"drill plan {plan.name!r}", request)
     _check_scratch(plan, config)
     await act(

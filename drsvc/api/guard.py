@@ -121,11 +121,18 @@ def principal(request: web.Request, role: Role, what: str) -> Principal:
     return who
 
 
-def in_tenant(who: Principal, tenant: str, what: str, request: web.Request | None = None) -> None:
-    """403 naming the tenant unless the token is scoped to it; records the tenant in the audit entry."""
-    if request is not None and AUDIT in request:
+def audit_tenant(request: web.Request, tenant: str) -> None:
+    """Record the tenant a mutating request is about in its audit entry (the first one named stays)."""
+    if AUDIT in request:
         entry = request[AUDIT]
         entry.tenant = entry.tenant or tenant
+
+
+def in_tenant(who: Principal, tenant: str, what: str, request: web.Request | None = None) -> None:
+    """403 unless the token is scoped to `tenant` (naming `what` and the token's own tenants, never
+    `tenant`); records the tenant in the audit entry."""
+    if request is not None:
+        audit_tenant(request, tenant)
     require_tenant(who, tenant, what)
 
 

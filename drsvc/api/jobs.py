@@ -38,14 +38,16 @@ def job_body(job: Job) -> dict[str, Any]:
     return job.to_dict()
 
 
-def _scope(who: Principal) -> list[str] | None:
+def scope(who: Principal) -> list[str] | None:
+    """The token's tenants, None for every tenant."""
     return None if "*" in who.tenants else list(who.tenants)
 
 
 async def list_jobs(request: web.Request, kind: JobKind) -> web.Response:
+    """The jobs whose tenants are all within the token's scope, as ``find_job`` requires of one job."""
     who = principal(request, "viewer", f"listing {kind}s")
     limit = limit_param(request)
-    jobs = context(request).jobs.list(kind=kind, tenants=_scope(who), limit=limit)
+    jobs = context(request).jobs.list(kind=kind, within=scope(who), limit=limit)
     return web.json_response({f"{kind}s": [job_body(j) for j in jobs]})
 
 

@@ -1,8 +1,12 @@
 """The OpenAPI 3.0 document of /v1, built as a dict and served at /v1/openapi.json.
 
-Every operation documents its success answer and, as ``default``, the one error shape; the tests run
-schemathesis against the served document (tests/test_api_schema.py), so the schemas below are checked
-against what the handlers really send.
+Every operation documents its success answers and each error status it can give, no ``default``: the tests
+run schemathesis against the served document (tests/test_api_schema.py), so an answer with a status the
+document does not list, or a body that does not match its schema, fails them. Every operation may answer
+500 ``internal`` (an unexpected exception; the details are only in the daemon's log) and every one that
+needs a token 401. The results of jobs are described with their required keys: a restore's (RPO/RTO achieved
+and their verdicts, site, fallbacks, files, bytes) and a drill's report (verdict, level, misses, scenarios
+with their RPO and RTO).
 """
 
 from __future__ import annotations
@@ -57,10 +61,9 @@ def _op(
     responses: dict[str, Any] = dict(ok)
     if not public:
         responses["401"] = _error("no bearer token, or one the daemon does not know")
-        responses["403"] = _error("the token's role or tenants do not allow this")
     for status, why in errors.items():
         responses[status] = _error(why)
-    responses["default"] = _error("any other error, in the same shape")
+    responses["500"] = _error("an unexpected error; the details are only in the daemon's log")
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag], "responses": responses}
     if params:
         op["parameters"] = params
@@ -83,6 +86,21 @@ _LIMIT = {
     "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
 }
 _JOB_ID = _path("id", "the job id (32 hexadecimal digits)")
+_SINCE = {
+    "name": "since",
+    "in": "query",
+    "required": False,
+    "description": "records written at or after this time: ISO 8601 (no zone: local time) or @epoch-seconds; "
+    "default: 24 hours ago",
+    "schema": _S,
+}
+_AUDIT_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "description": "at most this many, oldest first",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+}
 _SOURCE = _path("source", "the source's name in the config")
 
 _SOURCE_SUMMARY = _obj(
@@ -162,30 +180,207 @@ _SITE = _obj(
     backlog_oldest_age_s=_n(_NUM),
 )
 
-_JOB = _obj(
-    ["id", "kind", "tenants", "who", "request", "state", "created", "started", "finished", "progress",
-     "result", "error"],
-    id=_S,
-    kind={"type": "string", "enum": ["restore", "drill"]},
-    tenants=_STRS,
-    who={**_S, "description": "the name of the token that started it"},
-    request=_OBJ,
-    state={"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled",
-                                      "failed-interrupted"]},
-    created=_NUM,
-    started=_n(_NUM),
-    finished=_n(_NUM),
-    created_at=_n(_TIME),
-    started_at=_n(_TIME),
-    finished_at=_n(_TIME),
-    progress={
-        **_OBJ,
-        "description": "restores: phase, bytes_done, bytes_total, files_done, files_total, eta_s, site, "
-        "fallbacks; drills: scenario, of, source, site, point, phase",
+_VERDICT = {"type": "string", "enum": ["met", "missed", "unknown", "no target"]}
+_NUM_N = _n(_NUM)
+
+_FALLBACKS = {
+    "type": "array",
+    "description": "objects a site could not give (missing or corrupt) and that another site supplied",
+    "items": _obj(["site", "key", "error"], site=_S, key=_S, error=_S),
+}
+
+_RESTORE_PROGRESS = {
+    "type": "object",
+    "additionalProperties": True,
+    "description": "empty while queued; then the phase and the counts so far",
+    "properties": {
+        "phase": {"type": "string", "enum": ["planning", "restoring", "verifying", "done"]},
+        "site": _S,
+        "fallbacks": {**_INT, "description": "how many objects another site had to supply"},
+        "bytes_done": _INT,
+        "bytes_total": _INT,
+        "files_done": _INT,
+        "files_total": _INT,
+        "eta_s": _NUM_N,
+        "verify_files": _INT,
+        "verify_bytes": _INT,
     },
-    result=_n({**_OBJ, "description": "restores: RPO/RTO achieved and their verdicts, site, fallbacks, "
-               "files, bytes; drills: verdict, level, misses and the whole report"}),
-    error=_n({**_obj(["code", "message"], code=_S, message=_S, hint=_S), "additionalProperties": True}),
+}
+
+_RESTORE_RESULT = {
+    **_obj(
+        ["source", "kind", "target", "requested_point", "restored_point", "rpo_achieved_s", "rto_achieved_s",
+         "targets", "verdict", "verified", "site", "fallbacks", "files", "bytes", "warnings"],
+        source=_S,
+        kind={"type": "string", "enum": ["tree", "log", "postgres"]},
+        target=_S,
+        requested=_S,
+        requested_point=_n({**_S, "description": "the point asked for (for 'latest': the request's time)"}),
+        restored_point=_n({**_S, "description": "the recovery point actually restored"}),
+        rpo_achieved_s=_n({**_NUM, "description": "requested point minus restored point"}),
+        rto_achieved_s={**_NUM, "description": "from the request to verified data in place"},
+        targets=_obj(["rpo_s", "rto_s"], rpo_s=_NUM_N, rto_s=_NUM_N),
+        verdict=_obj(["rpo", "rto", "overall"], rpo=_VERDICT, rto=_VERDICT, overall=_VERDICT),
+        verified={**_BOOL, "description": "the data in place was read back and checked against the sites"},
+        verify=_n(_OBJ),
+        site={**_S, "description": "the site the restore read first"},
+        fallbacks=_FALLBACKS,
+        files=_INT,
+        bytes=_INT,
+        bytes_fetched=_INT,
+        warnings=_STRS,
+    ),
+    "additionalProperties": True,
+    "description": "a restore's result; tree, log and postgres restores add their own details (snapshot, "
+    "segments, base backup and WAL)",
+}  # fmt: skip
+
+_DRILL_PROGRESS = {
+    "type": "object",
+    "additionalProperties": True,
+    "description": "empty while queued; then the scenario running and its phase",
+    "properties": {
+        "scenario": _INT,
+        "of": _INT,
+        "source": _S,
+        "site": _S,
+        "point": {"type": "string", "enum": ["latest", "earlier"]},
+        "label": _S,
+        "phase": _S,
+        "bytes": _INT,
+        "verdict": _S,
+        "rto_s": _NUM_N,
+    },
+}
+
+_LEVEL = _obj(
+    ["gbt20988", "name", "reason"],
+    gbt20988={**_INT, "minimum": 0, "maximum": 6, "description": "the GB/T 20988-2007 level (0: none)"},
+    name=_S,
+    reason=_S,
+)
+
+_SCENARIO = {
+    **_obj(
+        ["source", "site", "point", "requested", "restored_point", "rpo_s", "rto_s", "rpo_target_s",
+         "rto_target_s", "verdict", "failures"],
+        source=_S,
+        tenant=_S,
+        kind={"type": "string", "enum": ["tree", "log", "postgres"]},
+        site={**_S, "description": "the site restored from, alone"},
+        point={"type": "string", "enum": ["latest", "earlier"]},
+        requested=_n(_S),
+        restored_point=_n(_S),
+        rpo_s=_n({**_NUM, "description": "requested minus restored point; null: did not recover alone"}),
+        rto_s=_n({**_NUM, "description": "scenario start to verified data; null: did not recover alone"}),
+        rpo_target_s=_NUM_N,
+        rto_target_s=_NUM_N,
+        fallback_rpo_s=_NUM_N,
+        fallback_rto_s=_NUM_N,
+        lag_s=_NUM_N,
+        verdict={"type": "string", "enum": ["pass", "fail"]},
+        failures=_STRS,
+        fallbacks=_FALLBACKS,
+        files=_INT,
+        bytes=_INT,
+        isolated=_BOOL,
+    ),
+    "additionalProperties": True,
+}  # fmt: skip
+
+_DRILL_REPORT = {
+    **_obj(
+        ["id", "plan", "verdict", "misses", "level", "scenarios"],
+        id=_S,
+        plan={**_S, "description": "the plan's name"},
+        started=_S,
+        finished=_S,
+        verdict={"type": "string", "enum": ["pass", "fail"]},
+        misses=_STRS,
+        level=_LEVEL,
+        seed=_INT,
+        scenarios={"type": "array", "items": _SCENARIO},
+    ),
+    "additionalProperties": True,
+    "description": "the drill report (docs/DRILLS.md)",
+}
+
+_DRILL_RESULT = {
+    **_obj(
+        ["verdict", "level", "misses", "report"],
+        drill=_n(_S),
+        verdict={"type": "string", "enum": ["pass", "fail"]},
+        level=_LEVEL,
+        misses=_STRS,
+        evidence={"type": "object", "additionalProperties": _S},
+        report=_DRILL_REPORT,
+    ),
+    "additionalProperties": True,
+}
+
+
+def _job(kind: str, progress: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    return _obj(
+        ["id", "kind", "tenants", "who", "request", "state", "created", "started", "finished", "progress",
+         "result", "error"],
+        id=_S,
+        kind={"type": "string", "enum": [kind]},
+        tenants=_STRS,
+        who={**_S, "description": "the name of the token that started it"},
+        request=_OBJ,
+        state={"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled",
+                                          "failed-interrupted"]},
+        created=_NUM,
+        started=_n(_NUM),
+        finished=_n(_NUM),
+        created_at=_n(_TIME),
+        started_at=_n(_TIME),
+        finished_at=_n(_TIME),
+        progress=progress,
+        result=_n({**result, "description": "set when the job succeeded"}),
+        error=_n({**_obj(["code", "message"], code=_S, message=_S, hint=_n(_S)),
+                  "additionalProperties": True}),
+    )  # fmt: skip
+
+
+_RESTORE_JOB = _job("restore", _RESTORE_PROGRESS, _RESTORE_RESULT)
+_DRILL_JOB = _job("drill", _DRILL_PROGRESS, _DRILL_RESULT)
+
+_AUDIT_RECORD = {
+    **_obj(
+        ["seq", "time", "time_ns", "who", "action", "target", "result", "status", "tenant", "remote",
+         "request_id", "prev", "hash"],
+        v=_INT,
+        seq=_INT,
+        time={**_S, "description": "UTC, to the nanosecond"},
+        time_ns=_INT,
+        who={**_S, "description": "the token's name, or anonymous"},
+        action={**_S, "description": "method and route, e.g. POST /v1/restores"},
+        target=_OBJ,
+        result={**_S, "description": "attempt, ok, or refused: <code>: <message>, or failed: ..."},
+        status={**_INT, "description": "the HTTP status (0 in an attempt record)"},
+        tenant=_n(_S),
+        remote=_n(_S),
+        request_id=_n(_S),
+        prev=_S,
+        hash=_S,
+    ),
+    "additionalProperties": False,
+}  # fmt: skip
+
+_AUDIT_PAGE = _obj(
+    ["since", "records", "more", "next", "verify"],
+    since=_S,
+    records={"type": "array", "items": _ref("AuditRecord")},
+    more={**_BOOL, "description": "more records follow: ask again with since = next"},
+    next=_n(_S),
+    verify={
+        **_obj(["intact", "records", "findings"], intact=_BOOL, records=_INT, files=_INT,
+               first_seq=_INT, last_seq=_INT, directory=_S, replicated=_n(_BOOL),
+               findings={"type": "array", "items": _OBJ}),
+        "additionalProperties": True,
+        "description": "the local log's verdict (chain and anchors), of the whole log",
+    },
 )  # fmt: skip
 
 _RESTORE_REQUEST = {
@@ -227,7 +422,8 @@ _DRILL_REQUEST = {
     "maxProperties": 1,
     "additionalProperties": False,
     "properties": {
-        "plan": {**_OBJ, "description": "a drill plan table (see docs/API.md)"},
+        "plan": {**_OBJ, "description": "a drill plan table (see docs/API.md); no postgres probes: those "
+                 "come only from plan files"},
         "plan_file": {**_S, "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,99}(\\.toml)?$",
                       "description": "a plan in <drill dir>/plans, by name"},
     },
@@ -238,8 +434,14 @@ def _list_of(key: str, item: str) -> dict[str, Any]:
     return _obj([key], **{key: {"type": "array", "items": _ref(item)}})
 
 
+_MUTATE_503 = "the daemon is draining (stopping or reloading), or the audit log cannot be written"
+_BAD_BODY = "the body is not a JSON object, or a field is missing or wrong (named in field)"
+_TOO_LARGE = "the body is larger than the daemon accepts"
+
+
 def document() -> dict[str, Any]:
     jobs = {"restore": "Restores", "drill": "Drills"}
+    job_ref = {"restore": "RestoreJob", "drill": "DrillJob"}
     paths: dict[str, Any] = {
         "/v1/openapi.json": {
             "get": _op(
@@ -250,59 +452,67 @@ def document() -> dict[str, Any]:
         "/v1/sources": {
             "get": _op(
                 "listSources", "the sources of the token's tenants, with live RPO",
-                {"200": _json(_list_of("sources", "SourceSummary"), "sources")}, errors={}, tag="sources",
+                {"200": _json(_list_of("sources", "SourceSummary"), "sources")},
+                errors={"503": "the daemon is starting or reloading"}, tag="sources",
             )
         },
         "/v1/sources/{source}": {
             "get": _op(
                 "getSource", "one source: policy, targets, live RPO, last snapshot, restorable range",
                 {"200": _json(_ref("SourceDetail"), "the source")},
-                errors={"404": "no such source"}, params=[_SOURCE], tag="sources",
+                errors={"403": "the source is outside the token's tenants", "404": "no such source",
+                        "503": "the daemon is starting or reloading"},
+                params=[_SOURCE], tag="sources",
             )
         },
         "/v1/sources/{source}/snapshots": {
             "post": _op(
                 "snapshotNow", "take a snapshot now (after the one running, if any)",
                 {"202": _json(_ref("SourceSummary"), "the snapshot is requested")},
-                errors={"404": "no such source", "409": "a log source is streamed, not snapshotted",
-                        "503": "the daemon is draining, or the audit log cannot be written"},
+                errors={"403": "not the operator role, or the source is outside the token's tenants",
+                        "404": "no such source", "409": "a log source is streamed, not snapshotted",
+                        "503": _MUTATE_503 + ", or the source is not running yet"},
                 params=[_SOURCE], tag="sources",
             )
         },
         "/v1/sites": {
             "get": _op(
                 "listSites", "sites serving the token's tenants: health, backlog, last acknowledgement",
-                {"200": _json(_list_of("sites", "Site"), "sites")}, errors={}, tag="sites",
+                {"200": _json(_list_of("sites", "Site"), "sites")},
+                errors={"503": "the daemon is starting or reloading"}, tag="sites",
             )
         },
         "/v1/restores": {
             "get": _op(
-                "listRestores", "restore jobs of the token's tenants, newest first",
-                {"200": _json(_list_of("restores", "Job"), "restore jobs")},
+                "listRestores", "restore jobs whose tenants are all the token's, newest first",
+                {"200": _json(_list_of("restores", "RestoreJob"), "restore jobs")},
                 errors={"400": "a bad limit"}, params=[_LIMIT], tag="restores",
             ),
             "post": _op(
                 "startRestore", "start a restore (202 with the job) or, with dry_run, answer its plan",
-                {"202": _json(_ref("Job"), "the restore job, queued"),
+                {"202": _json(_ref("RestoreJob"), "the restore job, queued"),
                  "200": _json(_ref("RestorePlan"), "the dry run's plan")},
-                errors={"400": "a field is missing or wrong (named in field)", "404": "no such source",
+                errors={"400": _BAD_BODY + ", or the site is not in the source's policy",
+                        "403": "not the operator role, or the source is outside the token's tenants",
+                        "404": "no such source", "413": _TOO_LARGE,
                         "422": "the target is outside the restore roots (or there are none), or nothing "
-                        "is restorable", "503": "draining, the sites cannot be read, or no audit log"},
+                        "is restorable", "503": _MUTATE_503 + ", or the sites cannot be read (dry run)"},
                 body=_ref("RestoreRequest"), tag="restores",
             ),
         },
         "/v1/drills": {
             "get": _op(
-                "listDrills", "drill jobs of the token's tenants, newest first",
-                {"200": _json(_list_of("drills", "Job"), "drill jobs")},
+                "listDrills", "drill jobs whose tenants are all the token's, newest first",
+                {"200": _json(_list_of("drills", "DrillJob"), "drill jobs")},
                 errors={"400": "a bad limit"}, params=[_LIMIT], tag="drills",
             ),
             "post": _op(
                 "startDrill", "start a drill from a plan table or a plan file",
-                {"202": _json(_ref("Job"), "the drill job, queued")},
-                errors={"400": "the plan is invalid (the key is named)", "404": "no such plan file",
-                        "422": "the plan's scratch is outside the restore roots",
-                        "503": "draining, or no audit log"},
+                {"202": _json(_ref("DrillJob"), "the drill job, queued")},
+                errors={"400": "the plan is invalid (the key is named in field), or an inline plan has "
+                        "probes", "403": "not the operator role, or a source of the plan is not one of "
+                        "the token's tenants' sources", "404": "no such plan file", "413": _TOO_LARGE,
+                        "422": "the plan's scratch is outside the restore roots", "503": _MUTATE_503},
                 body=_ref("DrillRequest"), tag="drills",
             ),
         },
@@ -310,9 +520,19 @@ def document() -> dict[str, Any]:
             "get": _op(
                 "drillReportHtml", "the drill's report as one HTML page",
                 {"200": {"description": "the report", "content": {"text/html": {"schema": _S}}}},
-                errors={"404": "no such drill, or it ended without a report",
+                errors={"403": "the drill is outside the token's tenants",
+                        "404": "no such drill, or it ended without a report",
                         "409": "the drill has not finished"},
                 params=[_JOB_ID], tag="drills",
+            )
+        },
+        "/v1/audit": {
+            "get": _op(
+                "getAudit", "audit records of the token's tenants, oldest first, and the log's verdict "
+                "(admin role)",
+                {"200": _json(_AUDIT_PAGE, "records and the local verdict")},
+                errors={"400": "a bad since or limit", "403": "not the admin role"},
+                params=[_SINCE, _AUDIT_LIMIT], tag="audit",
             )
         },
     }  # fmt: skip
@@ -321,17 +541,19 @@ def document() -> dict[str, Any]:
             "get": _op(
                 f"get{tag[:-1]}",
                 f"one {kind} job: state, progress, result or error",
-                {"200": _json(_ref("Job"), f"the {kind} job")},
-                errors={"404": f"no such {kind} job"},
+                {"200": _json(_ref(job_ref[kind]), f"the {kind} job")},
+                errors={"403": f"the {kind} touches a tenant outside the token's",
+                        "404": f"no such {kind} job"},
                 params=[_JOB_ID],
                 tag=tag.lower(),
             ),
             "delete": _op(
                 f"cancel{tag[:-1]}",
                 f"cancel a queued or running {kind}; what it wrote is removed",
-                {"200": _json(_ref("Job"), "the job, cancelled")},
-                errors={"404": f"no such {kind} job", "409": "the job has already finished",
-                        "503": "draining, or no audit log"},
+                {"200": _json(_ref(job_ref[kind]), "the job, cancelled")},
+                errors={"403": f"not the operator role, or the {kind} touches a tenant outside the token's",
+                        "404": f"no such {kind} job", "409": "the job has already finished",
+                        "503": _MUTATE_503},
                 params=[_JOB_ID],
                 tag=tag.lower(),
             ),
@@ -341,9 +563,9 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "drsvc API",
             "version": VERSION,
-            "description": "Sources, sites, restores and drills of a drsvc daemon. Bearer tokens with roles "
-            "viewer < operator < admin, scoped to tenants. Every error is {code, message[, field, hint]}; "
-            "every POST and DELETE is written to the audit log. See docs/API.md.",
+            "description": "Sources, sites, restores, drills and the audit log of a drsvc daemon. Bearer "
+            "tokens with roles viewer < operator < admin, scoped to tenants. Every error is {code, message[, "
+            "field, hint]}; every POST and DELETE is written to the audit log. See docs/API.md.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
@@ -364,7 +586,11 @@ def document() -> dict[str, Any]:
                 "SourceSummary": _SOURCE_SUMMARY,
                 "SourceDetail": _SOURCE_DETAIL,
                 "Site": _SITE,
-                "Job": _JOB,
+                "RestoreJob": _RESTORE_JOB,
+                "DrillJob": _DRILL_JOB,
+                "RestoreResult": _RESTORE_RESULT,
+                "DrillReport": _DRILL_REPORT,
+                "AuditRecord": _AUDIT_RECORD,
                 "RestoreRequest": _RESTORE_REQUEST,
                 "RestorePlan": _RESTORE_PLAN,
                 "DrillRequest": _DRILL_REQUEST,

@@ -9,7 +9,7 @@ blocking append; ``ApiContext`` is everything a handler reaches through ``reques
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ from aiohttp import web
 
 from drsvc.api.auth import TokenTable
 from drsvc.app import App
+from drsvc.audit import AuditRecord, AuditVerdict
 from drsvc.core.config import Config
 from drsvc.jobs import JobRunner, JobStore
 
@@ -72,6 +73,8 @@ class DaemonView(Protocol):
 
 
 class AuditSink(Protocol):
+    """The audit log as the API uses it (``drsvc.audit.AuditLog``): append, and read for ``/v1/audit``."""
+
     def append(
         self,
         *,
@@ -84,6 +87,14 @@ class AuditSink(Protocol):
         remote: str | None = None,
         request_id: str | None = None,
     ) -> object: ...
+
+    def records(self, since_ns: int = 0) -> Iterable[AuditRecord]:
+        """The readable records written at or after `since_ns`, oldest first (blocking)."""
+        ...
+
+    def verify(self) -> AuditVerdict:
+        """The local log's verdict (blocking)."""
+        ...
 
 
 @dataclass

@@ -4,7 +4,8 @@ READY=1 after start-up; STATUS= each tick; WATCHDOG=1 only while the supervisor 
 SIGINT) stop intake, drain uploads within daemon.drain_timeout, persist state and exit 0. SIGHUP reloads the
 config: an invalid one is refused with a log line and the running one stays; the API's tokens (and tokens
 file) and TLS certificate are read again either way. The API (/v1, ``DaemonApi``) lives across reloads: its
-jobs keep running; while the supervisor restarts it answers 503. /metrics shows the newest drill report
+jobs keep running; while the supervisor restarts it answers 503. With tokens on a non-loopback listener
+without TLS, the start logs a warning (``plaintext_api_exposure``). /metrics shows the newest drill report
 (``<drill dir>/last.json``, written by ``drsvc drill``), followed to a new ``[drill] dir`` after a reload.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -133,6 +135,9 @@ class Daemon:
             log.warning(
                 "secret written inline in the config; use file = ... or env = ...", extra={"key": key}
             )
+        exposed = plaintext_api_exposure(self.config)
+        if exposed is not None:
+            log.warning(exposed, extra={"listen": self.config.daemon.listen})
         host, port = parse_listen(self.config.daemon.listen)
         self.api = api = DaemonApi(self.config, self.metrics)
         try:
@@ -182,6 +187,27 @@ class Daemon:
                 await runner.cleanup()  # the listener first: no request finds the job store closed
             finally:
                 await api.close()
+
+
+def plaintext_api_exposure(config: Config) -> str | None:
+    """A warning when the API has tokens and listens beyond loopback without TLS (bearer tokens and tenant
+    data would cross the network in clear), else None. A host name other than ``localhost`` counts as
+    beyond loopback: what it resolves to is not known here."""
+    api = config.api
+    if not (api.tokens or api.tokens_file is not None) or api.tls_cert is not None:
+        return None
+    host, _port = parse_listen(config.daemon.listen)
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (
+        "the API accepts bearer tokens on a non-loopback address without TLS: tokens and tenant data cross "
+        "the network in clear; set [api] tls_cert and tls_key, or listen on 127.0.0.1"
+    )
 
 
 def _read_secrets(config: Config) -> None:

@@ -1,4 +1,7 @@
-"""drsvc token new NAME --role ROLE [--tenant T ...]: a new API bearer token and its config entry.
+"""drsvc token new NAME --role ROLE (--tenant T ... | --all-tenants): a new API bearer token and its entry.
+
+A token's scope is always explicit: ``--tenant T`` (repeatable) or ``--all-tenants`` (``tenants = ["*"]``),
+one of the two is required.
 
 The token (``secrets.token_urlsafe(32)``, 256 random bits) is printed once and stored nowhere; what goes into
 the config (``[api.tokens.NAME]``) or the tokens file (``[tokens.NAME]``, with ``--tokens-file``) is its
@@ -26,12 +29,18 @@ def register(sub: Any) -> None:
     new = sp.add_parser("new", help="print a new token once, and the hashed entry for the config")
     new.add_argument("name", help="who uses the token: the name the audit log records")
     new.add_argument("--role", required=True, choices=ROLES)
-    new.add_argument(
+    scope = new.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
         "--tenant",
         action="append",
         dest="tenants",
         metavar="TENANT",
-        help="a tenant the token may see and act on (repeat for more; default: every tenant)",
+        help="a tenant the token may see and act on (repeat for more)",
+    )
+    scope.add_argument(
+        "--all-tenants",
+        action="store_true",
+        help='every tenant, present and future (tenants = ["*"])',
     )
     new.add_argument(
         "--tokens-file", action="store_true", help="print a [tokens.NAME] table for api.tokens_file"
@@ -64,7 +73,7 @@ async def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"token name {name!r} must be lowercase letters, digits, '.', '_' or '-' (at most 63)", key="NAME"
         )
-    tenants: list[str] = args.tenants or ["*"]
+    tenants: list[str] = ["*"] if args.all_tenants else list(dict.fromkeys(args.tenants))
     for t in tenants:
         if t != "*" and not _NAME.match(t):
             raise ConfigError(f"not a tenant name: {t!r}", key="--tenant")

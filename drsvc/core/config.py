@@ -445,7 +445,19 @@ class TokenConfig(_Model):
 
     hash: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]  # "sha256:" + hex SHA-256 of the token
     role: Role
-    tenants: tuple[str, ...] = Field(default=("*",), min_length=1)  # tenant names, or "*" for every tenant
+    # tenant names, or ["*"] for every tenant: required, so that a token's scope is always written down
+    # (the empty default stands for "not given" and is refused by the validator, naming the key)
+    tenants: tuple[str, ...] = Field(default=(), validate_default=True)
+
+    @field_validator("tenants")
+    @classmethod
+    def _scope(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(
+                'a token must name the tenants it may see and act on: tenants = ["fin", ...], or ["*"] '
+                "for every tenant, written out"
+            )
+        return v
 
 
 class ApiConfig(_Model):
@@ -501,7 +513,8 @@ class AuditConfig(_Model):
     dir: Path | None = None  # default: <state.dir>/audit
     keep: Duration = 180 * 86400.0  # at least 180 days (MLPS level 3)
     hash: Literal["sha256", "sm3"] = "sha256"
-    # the tenant whose repository holds the sealed copies of the log, at every site of that tenant
+    # the tenant whose repository holds the sealed copies of the log, at every site of that tenant;
+    # required when the API has tokens (the Config validator)
     tenant: str | None = None
 
     @field_validator("keep")
@@ -540,6 +553,13 @@ class Config(_Model):
             for t in tok.tenants:
                 if t != "*" and t not in self.tenants:
                     raise _KeyError(f"api.tokens.{name}.tenants", f"unknown tenant {t!r}")
+        if (self.api.tokens or self.api.tokens_file is not None) and self.audit.tenant is None:
+            raise _KeyError(
+                "audit.tenant",
+                "the API is enabled (api.tokens or api.tokens_file) but [audit] tenant is not set: the audit "
+                "log of its requests must be replicated to the sites, in the repository of that tenant "
+                "(without the sites' copies, removing the newest records cannot be detected)",
+            )
         for name, src in self.sources.items():
             if src.tenant not in self.tenants:
                 raise _KeyError(f"sources.{name}.tenant", f"unknown tenant {src.tenant!r}")
