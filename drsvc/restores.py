@@ -9,8 +9,13 @@
 3. ``run_restore`` (the job's work) runs ``App.restore`` reporting progress and ETA, then re-reads the
    restored data and verifies it (``restore.verify``), and reports the achieved RPO (requested point minus
    restored point; for "latest" the request's time is the requested point) and RTO (request to verified
-   data in place) against the source's targets. A restore that fails or is cancelled leaves the target as it
-   was (``App.restore`` stops its threads and removes its staging directory before it raises).
+   data in place) against the source's targets. Each verdict is ``met``, ``missed``, ``unknown`` (not
+   measured) or ``no target``. A restore asked not to verify (``verify: false``) has no verified data: its
+   ``rto_achieved_s`` runs to the data in place, and its RTO verdict is ``unverified`` where it would have
+   been ``met`` (``missed`` stays: verifying would only have added time). The overall verdict is the worst:
+   missed, unknown, unverified, met, then no target. A restore that fails or
+   is cancelled leaves the target as it was (``App.restore`` stops its threads and removes its staging
+   directory before it raises).
 """
 
 from __future__ import annotations
@@ -504,7 +509,7 @@ def _verdict(achieved: float | None, target: float | None) -> str:
 
 
 def _overall(verdicts: list[str]) -> str:
-    for v in ("missed", "unknown", "met"):
+    for v in ("missed", "unknown", "unverified", "met"):
         if v in verdicts:
             return v
     return "no target"
@@ -570,7 +575,10 @@ async def run_restore(
     requested_ns = at_ns if at_ns is not None else int(requested_at * 1e9)
     rpo = None if restored_ns is None else max(0, requested_ns - restored_ns) / 1e9
     rto = max(0.0, finished - requested_at)
-    verdict = {"rpo": _verdict(rpo, sc.rpo_target), "rto": _verdict(rto, sc.rto_target)}
+    rto_verdict = _verdict(rto, sc.rto_target)
+    if report is None and rto_verdict == "met":
+        rto_verdict = "unverified"  # the RTO runs to verified data: without it, "met" is not known
+    verdict = {"rpo": _verdict(rpo, sc.rpo_target), "rto": rto_verdict}
     verdict["overall"] = _overall(list(verdict.values()))
     out: dict[str, Any] = {
         "source": req.source,

@@ -4,7 +4,9 @@ fallbacks shown in the report, and verification against the live tree, log and P
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -239,7 +241,7 @@ async def test_live_tree_mismatch_fails_verification(tmp_path: Path) -> None:
         plan = {"sources": [{"source": "docs", "points": ["latest"], "sites": ["b"]}]}
         first = await run_drill(app, plan, store_evidence=False)
         assert first.passed, first.report["misses"]
-        assert first.report["scenarios"][0]["source_compare"] == {"identical": 5, "changed_since": 0}
+        assert first.report["scenarios"][0]["source_compare"] == counts(compared=5, identical=5)
 
         # a file that changed since the snapshot is not compared; one that differs with the same size and
         # mtime (the restore, or the source, is wrong) fails the drill
@@ -248,15 +250,74 @@ async def test_live_tree_mismatch_fails_verification(tmp_path: Path) -> None:
         (src / "f1").write_bytes(b"X" + (src / "f1").read_bytes()[1:])
         os.utime(src / "f1", ns=(st.st_atime_ns, st.st_mtime_ns))
         second = await run_drill(app, plan, store_evidence=False)
+
+        # every file changed since: nothing could be compared, so the source is not verified (None, not True)
+        for i in range(5):
+            (src / f"f{i}").write_bytes(b"all rewritten since")
+        third = await run_drill(app, plan, store_evidence=False)
     finally:
         await app.close()
     sc = second.report["scenarios"][0]
     assert sc["verdict"] == "fail" and sc["verified"] == {"repository": True, "source": False, "probes": []}
-    assert sc["source_compare"] == {"identical": 3, "changed_since": 1}
+    assert sc["source_compare"] == counts(compared=4, identical=3, changed_since=1)
     assert second.report["misses"] == [
         "source docs, site b, latest: f1: the restored file differs from the live source, which has the same "
         "size and mtime"
     ]
+    sc = third.report["scenarios"][0]
+    assert sc["verified"] == {"repository": True, "source": None, "probes": []}
+    assert sc["source_compare"] == counts(changed_since=5)
+    assert sc["notes"] == [
+        "not verified against the live source: no restored file could be compared (5 changed since the "
+        "restored point, 0 gone since)"
+    ]
+    assert third.passed  # not a failure: the drill proved the restore, not the comparison
+
+
+def counts(**kw: int) -> dict[str, int]:
+    keys = ("compared", "identical", "changed_since", "missing_from_restore", "gone_since", "new_since")
+    return {k: kw.get(k, 0) for k in keys}
+
+
+async def test_live_tree_files_missing_from_the_restore_fail(tmp_path: Path) -> None:
+    """A file the source held, unchanged, at the snapshot's time must be in the restore. Simulated by a
+    snapshot that skipped files (its exclude patterns) compared with a live source that does not skip them;
+    files deleted, renamed or created since the snapshot are counted, not failed."""
+    src = tmp_path / "src"
+    for rel in ("a.txt", "d/b.txt", "d/lost.txt", "hidden/x.txt", "hidden/y.txt", "skip.tmp", "moved/m.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(f"{rel}\n".encode() * 10)
+    (src / "gone.txt").write_bytes(b"deleted after the snapshot\n")
+    time.sleep(1.1)  # older than the snapshot by more than compare.CLOCK_SLACK_NS
+    sites = local_sites(tmp_path, ["a", "b"])
+    snapped = make_config(tmp_path, src, sites, source={"exclude": ["*.tmp", "lost.txt", "hidden"]})
+    plan = {"sources": [{"source": "docs", "points": ["latest"], "sites": ["b"]}]}
+    app = await init_app(snapped)
+    try:
+        assert (await app.snapshot("docs")).protection.protected
+        (src / "gone.txt").unlink()
+        (src / "moved").rename(src / "moved2")  # its files keep their ctime; the directory's is new
+        (src / "new.txt").write_bytes(b"created after the snapshot\n")
+        same_rules = await run_drill(app, plan, store_evidence=False)
+    finally:
+        await app.close()
+    sc = same_rules.report["scenarios"][0]
+    assert same_rules.passed, same_rules.report["misses"]
+    assert sc["verified"]["source"] is True
+    assert sc["source_compare"] == counts(compared=2, identical=2, gone_since=2, new_since=2)
+
+    app = App(make_config(tmp_path, src, sites, source={"exclude": ["*.tmp"]}), workers=2)
+    try:
+        other_rules = await run_drill(app, plan, store_evidence=False)
+    finally:
+        await app.close()
+    sc = other_rules.report["scenarios"][0]
+    assert sc["verdict"] == "fail" and sc["verified"]["source"] is False
+    assert sc["source_compare"] == counts(
+        compared=2, identical=2, missing_from_restore=3, gone_since=2, new_since=2
+    )
+    lacks = "the live file has not changed since the restored point, but the restore lacks it"
+    assert sc["failures"] == [f"{rel}: {lacks}" for rel in ("d/lost.txt", "hidden/x.txt", "hidden/y.txt")]
 
 
 async def test_log_source_drill_verifies_prefixes_of_the_live_files(tmp_path: Path) -> None:
@@ -295,6 +356,94 @@ async def test_log_source_drill_verifies_prefixes_of_the_live_files(tmp_path: Pa
         f"source docs, site {site}, latest: journal: the restored log is not a prefix of the live file of "
         "that name"
         for site in ("a", "b")
+    ]
+
+
+async def test_live_log_missing_from_the_restore_fails(tmp_path: Path) -> None:
+    """A live log file that was there, unchanged, well before the restored point must be in the restore
+    (simulated: tailed with an exclude pattern that the drill's config no longer has)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "old.log").write_bytes(b"written once, long before the restored point\n")
+    sites = local_sites(tmp_path, ["a", "b"])
+    app = await init_app(log_config(tmp_path, logs, sites, exclude=["*.log"]))
+    plan = {"sources": [{"source": "docs", "points": ["latest"]}]}
+    try:
+        # the events are stamped a minute ahead: old.log's last change is then older than the restored point
+        # by more than the tailer's longest delay to notice a file (compare.log_delay_ns), without waiting
+        s = await streamer(app, clock=lambda: time.time_ns() + 60 * 10**9)
+        (logs / "journal").write_bytes(b"entry\n" * 20)
+        await s.cut_once()
+        s.close()
+        await ship(app)
+        tailed_rules = await run_drill(app, plan, store_evidence=False)
+    finally:
+        await app.close()
+    assert tailed_rules.passed, tailed_rules.report["misses"]
+    for sc in tailed_rules.report["scenarios"]:
+        assert sc["verified"]["source"] is True and sc["source_compare"] == counts(compared=1, identical=1)
+
+    app = App(log_config(tmp_path, logs, sites), workers=2)
+    try:
+        other_rules = await run_drill(app, plan, store_evidence=False)
+    finally:
+        await app.close()
+    assert other_rules.report["misses"] == [
+        f"source docs, site {site}, latest: old.log: the live log was there, unchanged, before the restored "
+        "point, but the restore lacks it"
+        for site in ("a", "b")
+    ]
+    for sc in other_rules.report["scenarios"]:
+        assert sc["verified"]["source"] is False
+        assert sc["source_compare"] == counts(compared=1, identical=1, missing_from_restore=1)
+
+
+async def test_a_drill_removes_what_killed_drills_left_in_the_scratch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only directories a drill makes (12 lowercase hex digits holding scenario directories) that no running
+    drill holds are removed, and each removal is logged."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data\n")
+    app = await init_app(make_config(tmp_path, src, local_sites(tmp_path, ["a"])))
+    scratch = tmp_path / "state" / "drills" / "scratch"
+    elsewhere = tmp_path / "elsewhere"
+    for d in (
+        scratch / "0123456789ab" / "001" / "data" / "ro",  # killed mid-scenario (a read-only restored dir)
+        scratch / "0123456789ac",  # killed before its first scenario
+        scratch / "111111111111" / "001",  # a drill still running (locked below)
+        scratch / "abcdefabcdef",  # not only scenario directories: not ours
+        scratch / "keep-me" / "001",
+        scratch / "0123456789AB" / "001",
+        scratch / "0123456789abc" / "001",
+        elsewhere / "001",
+    ):
+        d.mkdir(parents=True)
+    (scratch / "0123456789ab" / "001" / "data" / "ro" / "file").write_bytes(b"restored")
+    os.chmod(scratch / "0123456789ab" / "001" / "data" / "ro", 0o500)
+    (scratch / "abcdefabcdef" / "notes.txt").write_bytes(b"an operator's")
+    (scratch / "fedcba987654").symlink_to(elsewhere)
+    (scratch / "0123456789cd").write_bytes(b"a file")
+    running = os.open(scratch / "111111111111", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    caplog.set_level(logging.INFO, logger="drsvc.drill")
+    try:
+        await app.snapshot("docs")
+        outcome = await run_drill(app, {"sources": [{"source": "docs", "points": ["latest"]}]})
+    finally:
+        os.close(running)
+        await app.close()
+    assert outcome.passed, outcome.report["misses"]
+    assert sorted(p.name for p in scratch.iterdir()) == [
+        "0123456789AB", "0123456789abc", "0123456789cd", "111111111111", "abcdefabcdef", "fedcba987654",
+        "keep-me",
+    ]  # fmt: skip
+    assert (elsewhere / "001").is_dir() and (scratch / "111111111111" / "001").is_dir()
+    removed = [r for r in caplog.records if r.getMessage().startswith("removed the scratch directory")]
+    assert [(getattr(r, "path", None), getattr(r, "removed", None)) for r in removed] == [
+        (str(scratch / "0123456789ab"), True),
+        (str(scratch / "0123456789ac"), True),
     ]
 
 

@@ -201,6 +201,26 @@ async def test_run_restore_reports_rpo_and_rto_verdicts(tmp_path: Path) -> None:
         await app.close()
 
 
+async def test_unverified_restore_does_not_meet_its_rto(tmp_path: Path) -> None:
+    """The RTO runs to verified data: a restore with verify=false reports its time but never "met"."""
+    app = await tree_app(tmp_path, rpo_target="1h", rto_target="1h")
+    try:
+        target = tmp_path / "restores" / "fast"
+        r = await run_restore(app, req(app, target=str(target), verify=False), lambda p: None, time.time())
+        assert tree_state(target) == tree_state(tmp_path / "src")
+        assert not r["verified"] and r["verify"] is None and 0 < r["rto_achieved_s"] < 60
+        assert r["verdict"] == {"rpo": "met", "rto": "unverified", "overall": "unverified"}
+        # a missed target stays missed: verifying could only have taken longer
+        requested = time.time() - 7200
+        r = await run_restore(
+            app, req(app, target=str(target) + "2", verify=False), lambda p: None, requested
+        )
+        assert r["rto_achieved_s"] > 3600
+        assert r["verdict"]["rto"] == "missed" and r["verdict"]["overall"] == "missed"
+    finally:
+        await app.close()
+
+
 async def test_no_targets_and_target_outside_roots(tmp_path: Path) -> None:
     app = await tree_app(tmp_path, sites=["a"])
     try:

@@ -28,8 +28,18 @@ A scenario:
    sites the restore used); for tree and log sources, against the live source (``compare``:
    ``compare_tree``, ``compare_log``); for postgres, start PostgreSQL on it (``pgprobe.probe_postgres``),
    wait for recovery to end, run the probes, stop it (always). A postgres restore's WAL is fetched by
-   ``drsvc wal-fetch``, which reads any site: only the base backup and the WAL listing are isolated.
+   ``drsvc wal-fetch``; the isolated restore writes ``--only-site <site>`` into its restore_command
+   (``drsvc.wal``), so the base backup, the WAL listing and every WAL segment PostgreSQL replays come from
+   the drilled site alone (the fallback restore's restore_command reads any site).
+   The comparison with the live source counts the files compared, changed since, missing from the restore,
+   gone since and new since (``source_compare``); when nothing could be compared, ``verified.source`` is
+   None (not verified), with a note, never True.
 3. Judge RPO and RTO against the targets; remove the scratch restore.
+
+Scratch: each drill works in ``<scratch>/<the first 12 hex digits of its id>``, holding an exclusive
+``flock`` on that directory while it runs. A drill killed before its cleanup leaves it behind: each drill,
+under a lock on the scratch directory itself, first removes every such directory (exactly 12 lowercase hex
+digits, holding only scenario directories ``001``, ``002``, ...) that no running drill holds, and logs it.
 
 At the end: the GB/T 20988 level (``levels``), the JSON and HTML report (``report``), the sealed evidence at
 the sites (``evidence``). A drill never changes a source or a site other than adding its evidence.
@@ -39,8 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
+import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import stat
@@ -66,6 +79,10 @@ from restore.verify import verify_log, verify_tree
 
 Result = restore.RestoreResult | LogRestoreResult | PostgresRestoreResult
 Progress = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger("drsvc.drill")
+_WORK = re.compile(r"[0-9a-f]{12}")  # a drill's directory in the scratch: the first 12 hex digits of its id
+_SCENARIO = re.compile(r"[0-9]{3,}")  # a scenario's directory in it: f"{n:03d}"
 
 
 @dataclass
@@ -112,7 +129,7 @@ async def run_drill(
     seed = plan.seed if plan.seed is not None else secrets.randbits(32)
     started = _iso(time.time_ns())
     work = plan.scratch / drill_id[:12]
-    await asyncio.to_thread(_make_scratch, plan.scratch, work)
+    held = await asyncio.to_thread(_make_scratch, plan.scratch, work)
     scenarios: list[dict[str, Any]] = []
     try:
         for sp in plan.sources:
@@ -123,6 +140,8 @@ async def run_drill(
                     scenarios.append(await run.run(len(scenarios) + 1, plan.scenario_count, progress))
     finally:
         await asyncio.to_thread(_rmtree, work)
+        if held is not None:
+            os.close(held)
     misses = [
         f"source {s['source']}, site {s['site']}, {s['point']}: {f}" for s in scenarios for f in s["failures"]
     ]
@@ -222,6 +241,7 @@ class _Scenario:
             "verified": {"repository": False, "source": None, "probes": []},
             "isolated": True,  # restored from the site alone (False: the other sites had to help)
             "lag_s": None,
+            "notes": [],  # what the verdict does not show: e.g. why the source could not be verified
         }
         self._notify(phase="restore", bytes=0)
         sdir = self.work / f"{n:03d}"
@@ -273,12 +293,21 @@ class _Scenario:
             rec["restored_point"] = _iso(restored_ns)
             rec[f"{prefix}rpo_s"] = max(0, requested - restored_ns) / 1e9
             rec["lag_s"] = max(0, start_ns - restored_ns) / 1e9
-        if sp.verify_source and sp.kind != "postgres":
+        if sp.verify_source and sp.kind != "postgres" and restored_ns is not None:
             self._notify(phase="compare", bytes=base.bytes)
             check = compare_tree if sp.kind == "tree" else compare_log
-            found = await asyncio.to_thread(check, target, self.app.config.source(sp.source).path)
-            rec["verified"]["source"] = not found.failures
-            rec["source_compare"] = {"identical": found.identical, "changed_since": found.skipped}
+            found = await asyncio.to_thread(check, target, self.app.config.source(sp.source), restored_ns)
+            rec["source_compare"] = found.counts()
+            rec["notes"].extend(found.notes)
+            if found.failures:
+                rec["verified"]["source"] = False
+            elif found.compared:
+                rec["verified"]["source"] = True
+            else:  # None, not True: a comparison of nothing proves nothing
+                rec["notes"].append(
+                    "not verified against the live source: no restored file could be compared "
+                    f"({found.changed_since} changed since the restored point, {found.gone_since} gone since)"
+                )
             self.failures.extend(found.failures)
         self._judge(rec)
 
@@ -394,11 +423,68 @@ def _iso(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat()
 
 
-def _make_scratch(root: Path, work: Path) -> None:
-    """The scratch root may be traversed by others (a restored PostgreSQL runs as its own user); each
-    drill's directory and each scenario's are private to their owner."""
+def _make_scratch(root: Path, work: Path) -> int | None:
+    """Make the drill's directory `work` in the scratch `root`, after removing what killed drills left there
+    (module docstring); the descriptor holding `work`'s lock (None: the file system has no locks). The
+    scratch root may be traversed by others (a restored PostgreSQL runs as its own user); each drill's
+    directory and each scenario's are private to their owner."""
     root.mkdir(parents=True, exist_ok=True, mode=0o711)
-    work.mkdir(mode=0o711)
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(rootfd, fcntl.LOCK_EX)  # drills starting at once take turns: none removes another's
+        except OSError as exc:
+            log.warning(
+                "cannot lock the drill scratch directory: leftovers of earlier drills are not removed",
+                extra={"scratch": str(root), "error": exc.strerror},
+            )
+        else:
+            _remove_leftovers(root)
+        work.mkdir(mode=0o711)
+        return _lock_dir(work)
+    finally:
+        os.close(rootfd)  # the scratch root's lock with it
+
+
+def _lock_dir(path: Path) -> int | None:
+    """An exclusive lock on directory `path`, held by the returned descriptor; None when it is taken (or the
+    file system has no locks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove the directories of drills that ended without their cleanup (killed): named as a drill names
+    its directory, holding nothing but scenario directories, and locked by no running drill."""
+    with os.scandir(root) as it:
+        candidates = [e.name for e in it if _WORK.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    for name in sorted(candidates):
+        path = root / name
+        try:
+            if not all(_SCENARIO.fullmatch(n) for n in os.listdir(path)):
+                continue  # not (only) what a drill makes there: not ours to remove
+        except OSError:
+            continue
+        fd = _lock_dir(path)
+        if fd is None:
+            continue  # a running drill holds it
+        try:
+            scenarios = sorted(os.listdir(path))
+            _rmtree(path)
+        finally:
+            os.close(fd)
+        log.info(
+            "removed the scratch directory a killed drill left behind",
+            extra={"path": str(path), "scenarios": scenarios, "removed": not path.exists()},
+        )
 
 
 def _rmtree(path: Path) -> None:
