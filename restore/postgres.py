@@ -69,8 +69,12 @@ class PostgresRestoreResult:
 
     @property
     def recovery_point_ns(self) -> int | None:
-        """Where replay stops: the target, or the last transaction of the WAL (None if unknown)."""
-        return self.wal.target_ns if self.wal.target_ns is not None else self.wal.last_xact_ns
+        """Where replay stops: the target; else, replaying the whole archive, the time PostgreSQL finished
+        writing its last segment (every change up to then is in it, and none after its last transaction),
+        or that last transaction's time when the segment's is unknown (None if neither is)."""
+        if self.wal.target_ns is not None:
+            return self.wal.target_ns
+        return self.wal.end_written_ns if self.wal.end_written_ns is not None else self.wal.last_xact_ns
 
     @property
     def rpo_achieved_s(self) -> float | None:

@@ -5,10 +5,11 @@ Definitions (the report's fields):
 - **requested point**: for ``earlier``, a random time between the oldest and the newest restorable point of
   the source (over all of its sites: ``App.restorable_range``), drawn from the plan's seed and the source's
   name (every site of a source is drilled at the same time); for ``latest``, the newest restorable point
-  over all of the source's sites when the source's scenarios begin. For a postgres source, that is its
-  newest base backup (the WAL after it is not listed up front).
+  over all of the source's sites when the source's scenarios begin. For a postgres source, that is when
+  PostgreSQL finished writing the last segment of the contiguous WAL after its newest complete base backup.
 - **restored point**: the snapshot's time (tree), the last change-log event applied (log), the recovery
-  target, else the last transaction replayed (postgres).
+  target, else the end of the replayed WAL (postgres: its last segment's write time, else its last
+  transaction's).
 - **RPO** = requested point - restored point (never below 0): for ``latest``, what losing the other sites
   costs. ``lag_s`` (an extra key) is the scenario's start minus the restored point.
 - **RTO** = from the scenario's start to verified data: the restore, its verification against the
