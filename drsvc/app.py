@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import replicator
 import restore
@@ -44,6 +45,10 @@ from restore.logreplay import LogRestoreResult, restore_log
 from restore.postgres import PostgresRestoreResult, read_backup_start
 from restore.postgres import restorable_range as postgres_range
 from snapshot import SnapshotResult, Stats
+
+if TYPE_CHECKING:
+    from snapshot.dedup import IndexCache
+    from snapshot.tree import Changes
 
 
 @dataclass
@@ -193,9 +198,16 @@ class App:
         return SnapshotOutcome(result, prot, reports, loop.time() - started)
 
     async def snapshot_to_spool(
-        self, source: str, progress: Callable[[Stats], None] | None = None
+        self,
+        source: str,
+        progress: Callable[[Stats], None] | None = None,
+        *,
+        changes: Callable[[], Changes | None] | None = None,
+        index_cache: IndexCache | None = None,
+        full: bool = False,
     ) -> SnapshotResult:
-        """Take a snapshot into the spool only; the daemon's shippers move it to the sites."""
+        """Take a snapshot into the spool only; the daemon's shippers move it to the sites. A tree source's
+        `changes`, `index_cache` and `full`: see ``snapshot.take_snapshot`` (the daemon's watched trees)."""
         sc = self.config.source(source)
         if sc.type == "postgres":  # a base backup (drsvc.wal imports this module: imported here)
             from drsvc.wal import take_base_backup
@@ -220,6 +232,9 @@ class App:
             self.workers,
             progress,
             self.in_process_bytes,
+            changes=changes,
+            index_cache=index_cache,
+            full=full,
         )
 
     async def snapshots(

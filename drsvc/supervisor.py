@@ -49,7 +49,9 @@ from drsvc.metrics import Metrics, Outcome
 from drsvc.prune import prune_tenant
 from drsvc.site_loop import IDLE_POLL, SiteLoop, observe, request_observer
 from drsvc.watch import TreeWatcher
+from snapshot.dedup import MAX_AGE, IndexCache
 from snapshot.logtail import LogStreamer, SpooledSegment
+from snapshot.tree import Changes
 from snapshot.wal import sweep_markers
 
 # DaemonApi and tls_context live in drsvc.daemon_api; still importable from here (tests/test_api_schema.py)
@@ -104,6 +106,7 @@ class SourceState:
     # watched tree sources: the first and the latest change not yet covered by a snapshot (0: none)
     changed_first: float = 0.0
     changed_last: float = 0.0
+    snapshot_ended: float = 0.0  # wall-clock seconds the last snapshot attempt ended
     watch_failed: str | None = None  # why inotify could not cover the tree: it is scanned instead
     requested: bool = False  # "snapshot now" (the API): due at once, whatever the schedule
 
@@ -154,6 +157,10 @@ class Supervisor:
         self._maintenance: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # a watcher saw a change: the scheduler looks again
         self._watchers: list[TreeWatcher] = []
+        self._watcher_of: dict[str, TreeWatcher] = {}  # watched tree sources: their watcher
+        # watched tree sources: the tenant's dedup index between snapshots (listed again by the periodic
+        # rescans, and when prune markers appear; checked more often than prune's grace period)
+        self._index_cache = IndexCache(max_age=min(MAX_AGE, cfg.prune.grace / 2))
         self.streamers: dict[str, LogStreamer] = {}  # log sources: the tailer of each
         self._stream_tasks: list[asyncio.Task[None]] = []
         self._stop_streams = asyncio.Event()
@@ -208,8 +215,9 @@ class Supervisor:
 
     def next_due(self, name: str, st: SourceState) -> float:
         """When the source's next snapshot is due: its schedule, or for a watched tree a change settled
-        (DEBOUNCE quiet, at most WATCH_MAX_DELAY after the first change), or WATCH_FALLBACK scanning when
-        inotify cannot cover it."""
+        (DEBOUNCE quiet, at most WATCH_MAX_DELAY after the first change; at once if the tree had been quiet
+        for DEBOUNCE since the last snapshot: a burst then goes into the next one), or WATCH_FALLBACK
+        scanning when inotify cannot cover it."""
         sc = self.app.config.sources[name]
         if sc.type == "log":
             return math.inf  # streamed by its LogStreamer, which also takes its checkpoints
@@ -217,7 +225,9 @@ class Supervisor:
         if sc.watch:
             if st.watch_failed is not None:
                 due = min(due, st.last_snapshot + WATCH_FALLBACK)
-            if st.changed_last:
+            if st.changed_last and st.changed_first - st.snapshot_ended >= DEBOUNCE:
+                due = min(due, st.changed_first)
+            elif st.changed_last:
                 due = min(due, st.changed_last + DEBOUNCE, st.changed_first + WATCH_MAX_DELAY)
         return due
 
@@ -237,15 +247,34 @@ class Supervisor:
         return quota > 0 and self.spool_used >= quota
 
     async def snapshot(self, source: str) -> None:
-        """Take one snapshot of `source` into the spool and track its record."""
+        """Take one snapshot of `source` into the spool and track its record. A watched tree's snapshot
+        lists only what its watcher saw change, unless it is the periodic full rescan (its ``interval``),
+        asked for ("snapshot now"), or the watcher cannot vouch for the changes."""
         st = self.sources[source]
         async with self._snapshot_lock:
+            watcher = self._watcher_of.get(source)
+            kw: dict[str, object] = {}
+            taken: list[Changes | None] = []
+            if watcher is not None:
+                full = (
+                    st.requested
+                    or watcher.failed is not None
+                    or self.clock() >= self.app.config.sources[source].next_due(st.last_snapshot)
+                )
+
+                def changes() -> Changes | None:
+                    taken.append(watcher.take())
+                    return taken[-1]
+
+                kw = {"changes": changes, "index_cache": self._index_cache, "full": full}
             st.running, st.requested = True, False
             began = time.monotonic()
             started = self.clock()  # changes seen before this are in the snapshot; later ones are not
             try:
-                result = await self.app.snapshot_to_spool(source)
+                result = await self.app.snapshot_to_spool(source, **kw)  # type: ignore[arg-type]
             except Exception as exc:  # one source failing never stops the daemon; the next interval retries
+                if watcher is not None and taken:
+                    watcher.put_back(taken[0])  # the next snapshot covers them
                 st.last_error = str(exc)
                 self.metrics.source_snapshot(st.tenant, source, "failed", time.monotonic() - began, 0)
                 log.error(
@@ -256,7 +285,7 @@ class Supervisor:
                 st.not_before = self.clock() + FAILED_RETRY  # retry soon, not a whole interval (or day) later
                 return
             finally:
-                st.running = False
+                st.running, st.snapshot_ended = False, self.clock()
         rec = result.record
         st.last_snapshot, st.last_error = rec.time_ns / 1e9, None
         if st.changed_last and st.changed_last < started:
@@ -558,6 +587,7 @@ class Supervisor:
                 sc.path, functools.partial(self.changed, name), sc.is_excluded, sc.one_file_system
             )
             self._watchers.append(w)
+            self._watcher_of[name] = w
             if not await w.start():
                 self.sources[name].watch_failed = w.failed
             self.metrics.source_watching(self.sources[name].tenant, name, w.failed is None)

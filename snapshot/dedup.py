@@ -9,6 +9,17 @@ proves its packs are there. The set is therefore built from:
 
 Blobs in packs that a prune marker condemns are left out: such a pack is deleted once its grace period has
 passed, so a snapshot must store those blobs again rather than reference them (drsvc/prune.py).
+
+``IndexCache`` keeps a loaded index between one daemon's snapshots (per tenant and set of sites) and adds
+each snapshot's new blobs to it, so a watched snapshot lists no index at the sites. It is used again only:
+- if the prune markers listed at every site now (a cheap listing of ``<tenant>/prune/``) are ones it has
+  seen, and it saw them less than ``max_age`` ago (a marker can come and go between two listings only
+  after its grace period: keep ``max_age`` below it). A new marker or an unreachable site reloads it;
+- if its last snapshot succeeded (a failed one may have claimed blobs it never stored): ``take`` hands it
+  out, ``keep`` puts it back;
+- while it holds at most ``max_ids`` ids (about 120 bytes each).
+It also says which snapshot of a source it covers: every blob that snapshot references is in it, so the
+next snapshot may reuse that snapshot's subtrees without checking them (``snapshot.tree.Incremental``).
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from drsvc.core.errors import ObjectNotFound, StoreError
@@ -30,6 +43,7 @@ class DedupIndex:
     def __init__(self) -> None:
         self._known: set[bytes] = set()
         self._lock = threading.Lock()
+        self.markers: frozenset[str] = frozenset()  # the prune markers seen when it was loaded
 
     def claim(self, blob_id: bytes) -> bool:
         """True if the caller must store the blob (first sight); False if it is already stored or claimed."""
@@ -69,8 +83,10 @@ class DedupIndex:
                 warnings.append(f"site {store.name} unreachable while loading the index: {exc.message}")
         common = set.intersection(*listed) if listed else set()
         condemned: set[str] = set()
-        for marker in await repo.prune_markers(sites):
+        markers = await repo.prune_markers(sites)
+        for marker in markers:
             condemned.update(marker.packs)
+        index.markers = frozenset(m.id for m in markers)
         await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
         site_names = {s.name for s in sites}
 
@@ -100,6 +116,61 @@ class DedupIndex:
             for p in await asyncio.to_thread(repo.decode_index, name, data):
                 index.add_all([b.blob_id for b in p.blobs])
         return index, warnings
+
+
+MAX_CACHED_IDS = 2_000_000  # ~250 MB of Python set; a larger index is loaded for each snapshot
+MAX_AGE = 600.0  # seconds between two listings of the prune markers before a reload (grace is a day)
+
+
+@dataclass
+class CachedIndex:
+    index: DedupIndex
+    checked: float  # monotonic time of the last listing of the prune markers
+    covers: dict[str, str] = field(default_factory=dict)  # source -> a snapshot whose blobs are all in it
+    reused: bool = False  # handed out again (not loaded for this snapshot)
+
+
+class IndexCache:
+    """The dedup indexes a daemon keeps between snapshots (see the module docstring)."""
+
+    def __init__(self, max_ids: int = MAX_CACHED_IDS, max_age: float = MAX_AGE) -> None:
+        self.max_ids = max_ids
+        self.max_age = max_age
+        self._held: dict[tuple[str, tuple[str, ...]], CachedIndex] = {}
+
+    @staticmethod
+    def _key(repo: Repository, sites: Sequence[ReadStore]) -> tuple[str, tuple[str, ...]]:
+        return repo.tenant, tuple(sorted(s.name for s in sites))
+
+    async def take(self, repo: Repository, sites: Sequence[ReadStore]) -> CachedIndex | None:
+        """The cached index for `sites`, if still valid; it is out of the cache until ``keep``."""
+        held = self._held.pop(self._key(repo, sites), None)
+        if held is None or time.monotonic() - held.checked > self.max_age:
+            return None
+        checked = time.monotonic()
+        names: set[str] = set()
+        for store in sites:
+            try:
+                names.update(h.name for h in await repo.list_handles(Kind.PRUNE, store=store))
+            except StoreError:
+                return None
+        if not names <= held.index.markers:  # prune condemned packs since: some ids may be going
+            return None
+        held.checked, held.reused = checked, True
+        return held
+
+    def keep(
+        self, repo: Repository, sites: Sequence[ReadStore], held: CachedIndex, source: str, snapshot_id: str
+    ) -> None:
+        """After a successful snapshot of `source` whose new blobs are in ``held.index``."""
+        if len(held.index) > self.max_ids:
+            return
+        held.covers[source] = snapshot_id
+        held.reused = False
+        self._held[self._key(repo, sites)] = held
+
+    def clear(self) -> None:
+        self._held.clear()
 
 
 def _write_cache(path: Path, data: bytes) -> None:

@@ -3,6 +3,12 @@
 See ``snapshot/__init__.py`` for the algorithm. The event loop only walks and schedules: reading, chunking,
 hashing, compressing and sealing file data run in the worker processes (``snapshot.workers``); directory
 listing and tree blobs run in the thread pool.
+
+An incremental walk (``changes``, from a watcher) lists only the directories that changed, those created or
+moved in (and everything below them), the parent's *sticky* directories (see ``Incremental``) and their
+ancestors up to the root; every other directory keeps the parent's subtree id. It yields the same trees as
+a full walk of the same state, provided the events were complete and the parent's blobs are all in
+``dedup``, which the caller vouches for (``snapshot.run``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Stats:
     bytes_stored: int = 0
     changed_while_read: int = 0
     errors: int = 0
+    dirs_kept: int = 0  # incremental walks: directories kept from the parent unlisted (counted in dirs)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -69,6 +76,36 @@ class SnapshotResult:
 
 
 Progress = Callable[[Stats], None]
+# recursive counts of a tree: (files, dirs, symlinks, bytes of files), kept with the parent's trees
+Totals = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed in a tree since its parent snapshot, by directory (relative paths, "" = the root)."""
+
+    dirs: frozenset[str] = frozenset()  # directories whose entries changed: listed again
+    deep: frozenset[str] = frozenset()  # directories created or moved in: everything below them is listed
+
+    def touched(self, sticky: frozenset[str] = frozenset()) -> set[str]:
+        """Every directory listed again: the changed ones, the sticky ones and their ancestors."""
+        out = {""}
+        for rel in (*self.dirs, *self.deep, *sticky):
+            while rel not in out:
+                out.add(rel)
+                rel = rel.rpartition("/")[0]
+        return out
+
+
+@dataclass
+class Incremental:
+    """A parent a walk may take subtrees from without listing them: its trees' totals and sticky
+    directories (those a watcher cannot vouch for: hard-linked or page files, errors, warnings, files that
+    changed while read), and the changes since."""
+
+    totals: dict[bytes, Totals]
+    sticky: frozenset[str]
+    changes: Changes
 
 
 class TreeSnapshot:
@@ -87,6 +124,7 @@ class TreeSnapshot:
         parent_trees: Callable[[bytes], Awaitable[list[Node]]] | None = None,
         progress: Progress | None = None,
         local_limit: int = LOCAL_LIMIT,
+        incremental: Callable[[], Incremental | None] | None = None,
     ) -> None:
         self.source = source
         self.config = config
@@ -111,6 +149,12 @@ class TreeSnapshot:
         self._dirs = asyncio.Semaphore(8)
         self._root_dev = 0
         self.trees: dict[bytes, bytes] = {}  # tree id -> encoded tree, for the local parent cache
+        self.totals: dict[bytes, Totals] = {}  # tree id -> its recursive counts, ditto
+        self.sticky: set[str] = set()  # directories the next incremental walk lists whatever the events
+        self.packs: list[format.PackIndex] = []  # what this snapshot stored (for the caller's dedup index)
+        self._incremental = incremental  # called as the walk begins: None walks everything
+        self.inc: Incremental | None = None
+        self._touched: set[str] = set()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args))
@@ -140,8 +184,12 @@ class TreeSnapshot:
         if big:
             warming = asyncio.ensure_future(self.workers.warm())
         parent_root = await self._parent_nodes(self.parent.tree) if self.parent else None
+        inc = self._incremental() if self._incremental is not None else None  # as the walk begins
+        self.inc = inc if parent_root is not None else None
+        if self.inc is not None:
+            self._touched = self.inc.changes.touched(self.inc.sticky)
         try:
-            root_id = await self._dir(root, "", parent_root)
+            root_id = await self._dir(root, "", parent_root, self.inc is not None)
             totals = await self.dispatch.finish()
         except BaseException:  # no half-written pack stays in the spool
             await asyncio.shield(self._abort())
@@ -153,6 +201,7 @@ class TreeSnapshot:
         if totals is None:
             totals = WorkerTotals([], 0, 0)
         packs = [*totals.packs, *self.packer.packs]
+        self.packs = packs
         index_names = await self._run(self._write_indexes, packs)
         self.spool.notify()  # the workers' packs were committed in other processes
         self.stats.blobs_new = self.packer.blobs_written + totals.blobs_written
@@ -230,13 +279,17 @@ class TreeSnapshot:
             return None
 
     # -- directories ------------------------------------------------------------------------------
-    async def _dir(self, path: str, rel: str, parent: dict[bytes, Node] | None) -> bytes:
+    async def _dir(self, path: str, rel: str, parent: dict[bytes, Node] | None, inc: bool = False) -> bytes:
+        """The tree of one directory. With `inc`, a subdirectory the changes do not touch keeps its parent
+        node's subtree (the changed ones and those created or moved in are walked)."""
         async with self._dirs:
             entries, err = await self._run(_scan, path)
         if err:
             self.warn(f"{rel or '.'}: cannot list directory: {err}")
             self.stats.errors += 1
+            self.sticky.add(rel)
         self.stats.dirs += 1
+        here = [0, 1, 0, 0]  # this directory's own counts (files, dirs, symlinks, bytes)
         nodes: list[Node] = []
         jobs: list[FileJob] = []
         segmented: list[FileJob] = []
@@ -249,6 +302,14 @@ class TreeSnapshot:
             if stat.S_ISDIR(mode):
                 if self.config.one_file_system and st.st_dev != self._root_dev:
                     self.warn(f"{child_rel}: another file system, skipped (one_file_system)")
+                    self.sticky.add(rel)
+                    continue
+                kept = self._keep(parent.get(name) if parent else None, child_rel) if inc else None
+                if kept is not None:
+                    nodes.append(_node(name, st, format.DIR, subtree=kept))
+                    sub = self.totals[kept]
+                    for i in range(4):
+                        here[i] += sub[i]
                     continue
                 subdirs.append((name, child_rel, st))
             elif stat.S_ISLNK(mode):
@@ -258,10 +319,16 @@ class TreeSnapshot:
                     self._error(child_rel, f"cannot read link: {exc.strerror}")
                     continue
                 self.stats.symlinks += 1
+                here[2] += 1
                 nodes.append(_node(name, st, format.SYMLINK, target=os.fsencode(target)))
             elif stat.S_ISREG(mode):
                 self.stats.files += 1
                 self.stats.bytes_total += st.st_size
+                here[0] += 1
+                here[3] += st.st_size
+                page = self.config.is_page_file(child_rel)
+                if page or st.st_nlink > 1:  # written through mmap or another link: no event says so
+                    self.sticky.add(rel)
                 prev = parent.get(name) if parent else None
                 if (
                     prev is not None
@@ -274,15 +341,22 @@ class TreeSnapshot:
                     nodes.append(prev)
                 else:
                     full = os.path.join(path, os.fsdecode(name))
-                    job = FileJob(full, child_rel, st, self.config.is_page_file(child_rel))
+                    job = FileJob(full, child_rel, st, page)
                     (segmented if job.page and st.st_size > SEGMENT else jobs).append(job)
             else:
                 self.warn(f"{child_rel}: special file (device, fifo or socket) skipped")
+                self.sticky.add(rel)
 
         async def subdir(name: bytes, child_rel: str, st: os.stat_result) -> Node:
             prev = parent.get(name) if parent else None
             sub_parent = await self._parent_nodes(prev.subtree) if prev and prev.kind == format.DIR else None
-            sub_id = await self._dir(os.path.join(path, os.fsdecode(name)), child_rel, sub_parent)
+            # created or moved in: walked whole, as a full walk would (the parent's file nodes still apply)
+            deep = self.inc is not None and child_rel in self.inc.changes.deep
+            sub_path = os.path.join(path, os.fsdecode(name))
+            sub_id = await self._dir(sub_path, child_rel, sub_parent, inc and not deep)
+            sub = self.totals[sub_id]
+            for i in range(4):
+                here[i] += sub[i]
             return _node(name, st, format.DIR, subtree=sub_id)
 
         batches = routed_batches(jobs, self.dispatch.route, SMALL_FILE, BATCH_BYTES, BATCH_FILES)
@@ -298,7 +372,29 @@ class TreeSnapshot:
                 nodes.extend(r)  # type: ignore[arg-type]
         if self.progress:
             self.progress(self.stats)
-        return await self._run(self._store_tree, nodes)
+        for n in nodes:
+            if n.kind == format.FILE and n.changed:  # read again next time, as a full walk would
+                self.sticky.add(rel)
+        tid = await self._run(self._store_tree, nodes)
+        self.totals[tid] = (here[0], here[1], here[2], here[3])
+        return tid
+
+    def _keep(self, prev: Node | None, child_rel: str) -> bytes | None:
+        """The parent's subtree for an untouched directory, if it can be kept as it is."""
+        assert self.inc is not None
+        if prev is None or prev.kind != format.DIR or child_rel in self._touched:
+            return None
+        sub = self.inc.totals.get(prev.subtree)
+        if sub is None or prev.subtree not in self.dedup:
+            return None
+        self.totals[prev.subtree] = sub
+        self.stats.dirs_kept += sub[1]
+        self.stats.files += sub[0]
+        self.stats.dirs += sub[1]
+        self.stats.symlinks += sub[2]
+        self.stats.bytes_total += sub[3]
+        self.stats.files_unchanged += sub[0]
+        return prev.subtree
 
     def _store_tree(self, nodes: list[Node]) -> bytes:
         data = format.encode_tree(nodes)
@@ -364,6 +460,7 @@ class TreeSnapshot:
 
     def _error(self, rel: str, msg: str) -> None:
         self.stats.errors += 1
+        self.sticky.add(rel.rpartition("/")[0])
         self.warn(f"{rel}: {msg}; left out of the snapshot")
 
 

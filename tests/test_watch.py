@@ -14,7 +14,7 @@ from test_supervisor import _samples
 
 from drsvc import watch
 from drsvc.metrics import Metrics
-from drsvc.supervisor import WATCH_FALLBACK, Supervisor
+from drsvc.supervisor import DEBOUNCE, WATCH_FALLBACK, Supervisor
 from drsvc.watch import TreeWatcher
 
 
@@ -103,6 +103,28 @@ async def test_the_watch_limit_falls_back_to_scanning(
         assert s[("drsvc_source_watching", (("source", "docs"), ("tenant", "fin")))] == 0
         st.last_snapshot = 1000.0
         assert sup.next_due("docs", st) == 1000.0 + WATCH_FALLBACK  # scanned every minute, not every day
+    finally:
+        await sup.stop(1)
+        await app.close()
+
+
+async def test_a_change_after_quiet_is_snapshotted_at_once_and_a_burst_is_coalesced(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = make_config(tmp_path, src, local_sites(tmp_path, ["a"]), source={"watch": True, "interval": "1d"})
+    app = await init_app(cfg)
+    now = [10_000.0]
+    sup = Supervisor(app, Metrics(), clock=lambda: now[0])
+    try:
+        st = sup.sources["docs"]
+        st.last_snapshot = st.snapshot_ended = 9_000.0
+        sup.changed("docs")  # quiet since the last snapshot: due at once
+        assert sup.next_due("docs", st) == 10_000.0
+        st.snapshot_ended = 10_000.2  # a snapshot ran; more changes came during it (a burst): debounced
+        st.changed_first = 10_000.1
+        now[0] = 10_000.3
+        sup.changed("docs")
+        assert sup.next_due("docs", st) == pytest.approx(10_000.3 + DEBOUNCE)
     finally:
         await sup.stop(1)
         await app.close()
