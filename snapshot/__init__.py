@@ -1,10 +1,15 @@
 """Turning sources into sealed objects in the local spool.
 
 For a `tree` source (``snapshot.tree``):
-1. Load the dedup index: blobs already at every site of the source, or bound there in the outbox.
+1. Load the dedup index: blobs already at every site of the source, or bound there in the outbox. The
+   daemon keeps it in memory between a watched source's snapshots (``dedup.IndexCache``), reloading it
+   from the sites on a new prune marker, an unreachable site, or after min(600 s, grace / 2).
 2. Find the parent snapshot (local tree cache, else the newest at a site).
-3. Walk the tree depth-first. A regular file whose (size, mtime_ns, ctime_ns, inode) equal its parent node
-   keeps the parent's chunk list unread. Other files are read in the worker pool: cut into chunks (FastCDC,
+3. Walk the tree depth-first. A watched source's snapshot may walk only the directories its inotify events
+   touched and their ancestors, keeping the parent's subtrees elsewhere (``changes``; the first snapshot,
+   a lost event and the periodic rescan walk everything). A regular file whose (size, mtime_ns, ctime_ns,
+   inode) equal its parent node keeps the parent's chunk list unread. Other files are read in the worker
+   pool: cut into chunks (FastCDC,
    or page-aligned for database-like files), each chunk's keyed id computed, new chunks compressed (zstd),
    sealed and packed. A file whose stat changes while read is read again once, then marked changed.
 4. Each directory becomes a tree blob (names, modes, owners, times, sizes, chunk ids, subtree ids);
