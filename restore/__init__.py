@@ -8,7 +8,8 @@
    first write with O_NOFOLLOW. No symlink exists in the staging tree while data is written.
 4. Fetch the needed blobs with ranged reads, verify each, write it where it is used (``restore.writer``);
    a missing or corrupt range is read from another site and reported as a fallback.
-5. Set modes and times on files, create symlinks, then set modes and times on directories, deepest first.
+5. Set modes and times on files (each when its last blob is written, empty ones when they are made), create
+   symlinks, then set modes and times on directories, deepest first; flush the file system (``syncfs``).
 6. Rename the staging directory onto the target (which must be absent or empty) and fsync its parent.
 7. On any failure or cancellation: every blocking step runs in a thread behind the restore's ``Fence`` and
    checks it between items; the fence is closed (no thread of the restore writes any more), then the
@@ -33,7 +34,15 @@ from drsvc.core.errors import RestoreError
 from drsvc.core.format import Node, SnapshotRecord
 from drsvc.core.repository import Fallback, Repository
 from restore.plan import Plan, build_plan, choose_snapshot
-from restore.writer import BlobWriter, Fence, Progress, Stopped, run_to_end
+from restore.writer import (
+    BlobWriter,
+    Fence,
+    Progress,
+    Stopped,
+    apply_metadata,
+    run_to_end,
+    sync_filesystem,
+)
 
 __all__ = ["Progress", "RestoreResult", "Staging", "Stopped", "restore_tree"]
 
@@ -270,7 +279,11 @@ def _create_skeleton(staging: str, plan: Plan, fence: Fence) -> None:
         if not f.node.content:
             fence.check()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            os.close(os.open(os.path.join(staging, f.rel), flags, 0o600))
+            fd = os.open(os.path.join(staging, f.rel), flags, 0o600)
+            try:
+                apply_metadata(fd, f.node)
+            finally:
+                os.close(fd)
 
 
 def _apply(path: str, node: Node, is_link: bool = False) -> None:
@@ -285,10 +298,9 @@ def _apply(path: str, node: Node, is_link: bool = False) -> None:
 
 
 def _finish_metadata(staging: str, plan: Plan, fence: Fence) -> None:
-    os.sync()  # one flush for every written file before it counts as restored
-    for f in plan.files:
-        fence.check()
-        _apply(os.path.join(staging, f.rel), f.node)
+    """Symlinks, then directories' metadata (deepest first), then one flush of the file system. Every file
+    already has its metadata (set when its last blob was written) and the writeback of its large spans has
+    begun (``restore.writer``)."""
     for rel, node in plan.symlinks:
         fence.check()
         path = os.path.join(staging, rel)
@@ -297,3 +309,5 @@ def _finish_metadata(staging: str, plan: Plan, fence: Fence) -> None:
     for rel, dnode in reversed(plan.dirs):
         if dnode is not None:
             _apply(os.path.join(staging, rel), dnode)
+    fence.check()
+    sync_filesystem(staging)  # every written byte is on disk before the tree counts as restored

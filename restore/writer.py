@@ -3,31 +3,37 @@
 1. Locate every needed blob in the index; group by pack; coalesce neighbouring blobs of a pack into ranged
    reads of at most RANGE_MAX bytes (gaps up to RANGE_GAP are read and dropped).
 2. Each range is fetched from the preferred site; if it is missing or any blob in it fails verification
-   (AEAD tag, length, keyed content id), the same range is read from the next site (``Repository.fetch``).
-3. Every verified blob is written at each offset where a file uses it (pwrite, files opened O_NOFOLLOW),
-   in a thread started through the restore's ``Fence``; progress is counted on the event loop.
+   (AEAD tag, length, keyed content id), the same range is read from the next site (``Repository.fetch``),
+   skipping the blobs already written from the failed copy.
+3. One thread per range, started through the restore's ``Fence``, verifies each blob and writes it at each
+   offset where a file uses it (pwrite, files opened O_NOFOLLOW); the write of a file's last blob also sets
+   its owner, mode and times; spans of WRITEBACK_MIN bytes or more start their writeback (the restore
+   flushes the file system once, at the end: ``sync_filesystem``). Progress is counted on the event loop.
 4. On any failure or cancellation the other fetches are cancelled and ``run`` returns only once none of
    its writes is still going on (the fence is closed): the caller's cleanup cannot race a late write.
-Memory is bounded by RANGE_MAX times the fetch concurrency.
+Memory is bounded by RANGE_MAX plus one blob, times the fetch concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
+import ctypes.util
 import errno
 import functools
 import os
 import threading
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from drsvc.core.errors import ObjectNotFound
+from drsvc.core.format import Node
 from drsvc.core.layout import Handle, Kind
 from drsvc.core.repository import BlobLocation, Repository
-from restore.plan import Plan
+from restore.plan import Plan, coalesce
 
 RANGE_MAX = 2 * 1024 * 1024
 RANGE_GAP = 64 * 1024
@@ -116,35 +122,29 @@ class Progress:
     bytes_done: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
+class _File:
+    path: str
+    node: Node
+    remaining: int  # placements of its blobs not yet written (under BlobWriter._lock)
+
+
+@dataclass(eq=False)
 class _Range:
     pack: str
     start: int
     end: int
     blobs: list[tuple[bytes, BlobLocation]]
+    # what attempts at this range have written so far (a retry at another site skips those blobs)
+    written: set[bytes] = field(default_factory=set)
+    bytes_done: int = 0
+    files_done: int = 0
 
 
 def _ranges(needed: dict[bytes, BlobLocation]) -> list[_Range]:
-    by_pack: dict[str, list[tuple[bytes, BlobLocation]]] = defaultdict(list)
-    for bid, loc in needed.items():
-        by_pack[loc.pack].append((bid, loc))
-    out = []
-    for pack, blobs in by_pack.items():
-        blobs.sort(key=lambda b: b[1].entry.offset)
-        cur: _Range | None = None
-        for bid, loc in blobs:
-            e = loc.entry
-            if (
-                cur is not None
-                and e.offset - cur.end <= RANGE_GAP
-                and e.offset + e.length - cur.start <= RANGE_MAX
-            ):
-                cur.end = e.offset + e.length
-                cur.blobs.append((bid, loc))
-            else:
-                cur = _Range(pack, e.offset, e.offset + e.length, [(bid, loc)])
-                out.append(cur)
-    return out
+    return [
+        _Range(pack, start, end, blobs) for pack, start, end, blobs in coalesce(needed, RANGE_MAX, RANGE_GAP)
+    ]
 
 
 class BlobWriter:
@@ -164,9 +164,8 @@ class BlobWriter:
         self.on_progress = progress
         self.fence = fence if fence is not None else Fence()
         self.progress = Progress(files_total=len(plan.files), bytes_total=plan.total_bytes)
-        # blob id -> [(path, offset)]
-        self.targets: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
-        self._remaining: dict[str, int] = {}
+        self.targets: dict[bytes, list[tuple[_File, int]]] = defaultdict(list)  # blob id -> [(file, offset)]
+        self._lock = threading.Lock()
 
     async def run(self) -> None:
         """Fetch, verify and write every blob the plan needs. When it raises (or is cancelled), the fence
@@ -182,18 +181,18 @@ class BlobWriter:
         index = await self.repo.load_index()
         needed: dict[bytes, BlobLocation] = {}
         for f in self.plan.files:
-            path = os.path.join(self.staging, f.rel)
+            if not f.node.content:  # made, with its metadata, with the skeleton
+                self.progress.files_done += 1
+                continue
+            file = _File(os.path.join(self.staging, f.rel), f.node, len(f.node.content))
             off = 0
             for cid in f.node.content:
                 loc = index.get(cid)
                 if loc is None:
                     loc = await self.repo.locate(cid)  # raises, naming the blob
                 needed[cid] = loc
-                self.targets[cid].append((path, off))
+                self.targets[cid].append((file, off))
                 off += loc.entry.raw_length
-            self._remaining[path] = len(f.node.content)
-            if not f.node.content:
-                self.progress.files_done += 1
         if self.on_progress is not None:
             self.on_progress(self.progress)
         ranges = _ranges(needed)
@@ -201,9 +200,8 @@ class BlobWriter:
 
         async def worker() -> None:
             for r in todo:  # shared by the workers: each range is taken once
-                for blobs in await self._fetch(r):
-                    await self.fence.run(self._write, blobs)
-                    self._count(blobs)
+                for done in await self._fetch(r):
+                    self._count(done)
 
         try:  # the first failure cancels the other workers, and the group waits for them
             async with asyncio.TaskGroup() as tg:
@@ -212,53 +210,159 @@ class BlobWriter:
         except BaseExceptionGroup as group:
             raise _first(group) from None
 
-    async def _fetch(self, r: _Range) -> list[list[tuple[bytes, bytes]]]:
-        """The verified blobs of one range. If the pack is gone from every site (a prune deleted it after the
-        index was read), the blobs are read again from where the current indexes put them."""
+    async def _fetch(self, r: _Range) -> list[_Range]:
+        """Fetch, verify and write the blobs of one range (in one fenced thread); the range, or the ranges
+        it was split into. If the pack is gone from every site (a prune deleted it after the index was
+        read), the blobs are read again from where the current indexes put them."""
         try:
-            blobs = await self.repo.fetch(
-                Handle(Kind.PACK, r.pack), lambda data: self._open(r, data), r.start, r.end - r.start
+            await self.repo.fetch(
+                Handle(Kind.PACK, r.pack),
+                functools.partial(self._write_range, r),
+                r.start,
+                r.end - r.start,
+                run=self.fence.run,
             )
-            return [blobs]
+            return [r]
         except ObjectNotFound:
             await self.repo.relocate(r.pack)
-            moved = {bid: await self.repo.locate(bid) for bid, _ in r.blobs}
+            moved = {bid: await self.repo.locate(bid) for bid, _ in r.blobs if bid not in r.written}
             if any(loc.pack == r.pack for loc in moved.values()):
                 raise
-            return [b for rr in _ranges(moved) for b in await self._fetch(rr)]
+            return [r, *[d for rr in _ranges(moved) for d in await self._fetch(rr)]]
 
-    def _open(self, r: _Range, data: bytes) -> list[tuple[bytes, bytes]]:
+    def _write_range(self, r: _Range, data: bytes) -> None:
+        """Blocking, in a fenced thread: verify each blob of the range (``Repository.open_blob``), then write
+        it at each of its places. A file whose last blob this wrote gets its owner, mode and times, and its
+        writeback starts (the restore flushes the file system once, at the end). Raises IntegrityError
+        for a blob that fails verification: ``Repository.fetch`` then calls again with another site's
+        copy, and the blobs this call wrote (``r.written``) are skipped."""
         mv = memoryview(data)
-        out = []
-        for bid, loc in r.blobs:
-            e = loc.entry
-            out.append(
-                (bid, self.repo.open_blob(loc, mv[e.offset - r.start : e.offset - r.start + e.length], bid))
-            )
-        return out
+        out = _Out()
+        try:
+            for bid, loc in r.blobs:
+                if bid in r.written:
+                    continue
+                e = loc.entry
+                blob = self.repo.open_blob(loc, mv[e.offset - r.start : e.offset - r.start + e.length], bid)
+                for file, off in self.targets[bid]:
+                    self.fence.check()
+                    fd = out.open(file)
+                    _pwrite_all(fd, blob, off, file.path)
+                    out.wrote(off, len(blob))
+                    r.bytes_done += len(blob)
+                    with self._lock:
+                        file.remaining -= 1
+                        last = file.remaining == 0
+                    if last:
+                        apply_metadata(fd, file.node)
+                        r.files_done += 1
+                r.written.add(bid)
+        finally:
+            out.close()
 
-    def _write(self, blobs: list[tuple[bytes, bytes]]) -> None:
-        """Blocking, in a fenced thread: each blob at each of its places."""
-        for bid, data in blobs:
-            for path, off in self.targets[bid]:
-                self.fence.check()
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-                try:
-                    if os.pwrite(fd, data, off) != len(data):
-                        raise OSError(errno.ENOSPC, "short write", path)
-                finally:
-                    os.close(fd)
-
-    def _count(self, blobs: list[tuple[bytes, bytes]]) -> None:
-        """On the event loop, once the blobs are written: progress, then the callback."""
-        for bid, data in blobs:
-            for path, _off in self.targets[bid]:
-                self.progress.bytes_done += len(data)
-                self._remaining[path] -= 1
-                if self._remaining[path] == 0:
-                    self.progress.files_done += 1
+    def _count(self, r: _Range) -> None:
+        """On the event loop, once a range is written: progress, then the callback."""
+        self.progress.bytes_done += r.bytes_done
+        self.progress.files_done += r.files_done
         if self.on_progress is not None:
             self.on_progress(self.progress)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
+    n = os.pwrite(fd, data, offset)
+    if n != len(data):
+        view = memoryview(data)
+        while n < len(view):
+            k = os.pwrite(fd, view[n:], offset + n)
+            if k <= 0:
+                raise OSError(errno.ENOSPC, "short write", path)
+            n += k
+
+
+def apply_metadata(fd: int, node: Node) -> None:
+    """Owner (as root), mode and times of a restored file, through its open descriptor."""
+    if os.geteuid() == 0:
+        try:
+            os.fchown(fd, node.uid, node.gid)
+        except OSError:
+            pass
+    os.fchmod(fd, node.mode & 0o7777)
+    os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+
+
+# -- durability: start writeback as files are written, one flush of the file system at the end -----------
+
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_MIN = 1024 * 1024  # bytes written to a file by one range, at least, to start their writeback
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these dirty pages now (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
+    which does not wait for them): the disk works while the restore decodes, and the flush at the end
+    finds little left to write. A hint: does nothing where the call is missing or fails."""
+    fn = getattr(_libc(), "sync_file_range", None)
+    if fn is not None:
+        fn(fd, ctypes.c_int64(offset), ctypes.c_int64(length), ctypes.c_uint(SYNC_FILE_RANGE_WRITE))
+
+
+class _Out:
+    """The file a range is writing to (one open at a time: the blobs of a file mostly lie together in a
+    pack), and the span written through it. Closing it starts the writeback of that span when it is at
+    least WRITEBACK_MIN bytes (small files are left to the flush at the end)."""
+
+    def __init__(self) -> None:
+        self.file: _File | None = None
+        self.fd = -1
+        self.lo = self.hi = 0
+
+    def open(self, file: _File) -> int:
+        if file is not self.file:
+            self.close()
+            self.fd = os.open(file.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self.file = file
+        return self.fd
+
+    def wrote(self, offset: int, n: int) -> None:
+        if self.hi == self.lo:
+            self.lo, self.hi = offset, offset + n
+        else:
+            self.lo, self.hi = min(self.lo, offset), max(self.hi, offset + n)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd, self.file = self.fd, -1, None
+        lo, hi, self.lo, self.hi = self.lo, self.hi, 0, 0
+        try:
+            if hi - lo >= WRITEBACK_MIN:
+                start_writeback(fd, lo, hi - lo)
+        finally:
+            os.close(fd)
+
+
+def sync_filesystem(path: str) -> None:
+    """Flush the file system holding `path` (``syncfs``): every restored file's data and metadata is on disk
+    before the tree is renamed into place. Only that file system, not every one (``os.sync``)."""
+    fn = getattr(_libc(), "syncfs", None)
+    if fn is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -211,10 +211,13 @@ async def test_a_cancelled_restore_leaves_no_staging_and_no_target(
 ) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    started = time.monotonic()
-    await big_app.restore("docs", work / "full", None)
-    full = time.monotonic() - started
-    assert tree_state(work / "full") == tree_state(tmp_path / "src")
+    took = []
+    for name in ("full", "warm"):  # the warm restore's time: the cancelled ones below run warm too
+        started = time.monotonic()
+        await big_app.restore("docs", work / name, None)
+        took.append(time.monotonic() - started)
+        assert tree_state(work / name) == tree_state(tmp_path / "src")
+    full = min(took)
     cancelled = 0
     for i, frac in enumerate([0.0, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95]):
         target = work / f"t{i}"

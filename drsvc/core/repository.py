@@ -275,8 +275,10 @@ class Repository:
         offset: int = 0,
         length: int | None = None,
         stores: Sequence[ReadStore] | None = None,
+        run: Callable[[Callable[[bytes], T], bytes], Awaitable[T]] | None = None,
     ) -> T:
-        """Read `h` (a range of it) and decode it, trying each site in order until one verifies."""
+        """Read `h` (a range of it) and decode it, trying each site in order until one verifies. `decode`
+        runs in a thread: ``asyncio.to_thread``, or `run` (a restore's fence, when decoding also writes)."""
         key = self.layout.key(h)
         failures: list[tuple[str, Exception]] = []
         for store in stores if stores is not None else self.stores:
@@ -284,7 +286,7 @@ class Repository:
                 data = await store.get(key, offset, length)
                 self.report.requests += 1
                 self.report.bytes_fetched += len(data)
-                result = await asyncio.to_thread(decode, data)  # never on the event loop
+                result = await (run or asyncio.to_thread)(decode, data)  # never on the event loop
             except (StoreError, IntegrityError) as exc:
                 failures.append((store.name, exc))
                 fb = Fallback(store.name, key, exc.message)
