@@ -21,12 +21,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,23 @@ class Staging:
         finally:
             os.close(dfd)
 
+    @contextlib.asynccontextmanager
+    async def undone_on_failure(self) -> AsyncIterator[None]:
+        """Run a restore's steps: any failure or cancellation abandons the staging (``abandon``); an OSError
+        is raised again as a RestoreError naming the path."""
+        try:
+            yield
+        except OSError as exc:
+            await self.abandon()
+            raise RestoreError(
+                f"restore failed: {exc.strerror}",
+                path=exc.filename or str(self.target),
+                hint="nothing was put in place; fix the cause (space, permissions) and restore again",
+            ) from exc
+        except BaseException:
+            await self.abandon()
+            raise
+
     async def abandon(self) -> None:
         """After a failure or cancellation: stop the fenced work and wait for it, then remove the staging
         and scratch directories completely; if the tree was already moved into place, move it out again
@@ -207,23 +225,13 @@ async def restore_tree(
     plan = await build_plan(repo, record)
     staging = await Staging.create(target)
     fence = staging.fence
-    try:
+    async with staging.undone_on_failure():
         await fence.run(_create_skeleton, str(staging.path), plan, fence)
         await BlobWriter(repo, plan, str(staging.path), concurrency, progress, fence).run()
         await fence.run(_finish_metadata, str(staging.path), plan, fence)
         if finish is not None:
             await fence.run(finish, staging.path)
         await fence.run(staging.move_into_place, record.root)
-    except OSError as exc:
-        await staging.abandon()
-        raise RestoreError(
-            f"restore failed: {exc.strerror}",
-            path=exc.filename or str(target),
-            hint="nothing was put in place; fix the cause (space, permissions) and restore again",
-        ) from exc
-    except BaseException:
-        await staging.abandon()
-        raise
     return RestoreResult(
         source=source,
         snapshot=record,

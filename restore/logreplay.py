@@ -318,7 +318,7 @@ async def restore_log(
     )
     staging = await Staging.create(target, scratch=("gens",))
     fetcher = _Fetcher(repo, source)
-    try:
+    async with staging.undone_on_failure():
         try:
             replay = _Replay(str(staging.scratch[0]), staging.fence)
             walk = _Walk()
@@ -337,16 +337,6 @@ async def restore_log(
             await staging.fence.run(staging.move_into_place, None)
         finally:
             await fetcher.cancel()
-    except OSError as exc:
-        await staging.abandon()
-        raise RestoreError(
-            f"restore failed: {exc.strerror}",
-            path=exc.filename or str(target),
-            hint="nothing was put in place; fix the cause (space, permissions) and restore again",
-        ) from exc
-    except BaseException:
-        await staging.abandon()
-        raise
     await staging.discard_scratch()
     report.done(files, replay.bytes)
     return LogRestoreResult(
