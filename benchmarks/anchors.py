@@ -339,6 +339,8 @@ def seaweed_s3(workdir: Path, bucket: str = "bench", timeout: float = 60.0) -> I
         "-ip.bind=127.0.0.1",
         "-webdav=false",
         "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=1024",
+        "-volume.max=200",
         f"-s3.config={config}",
         *(f"-{k}={v}" for k, v in ports.items()),
     ]

@@ -42,7 +42,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -54,12 +53,8 @@ from typing import Any
 from benchmarks import dataset
 from benchmarks.anchors import (
     S3Target,
-    _ensure_bucket,
-    _free_ports,
-    _wait_ready,
-    _weed_binary,
     process_tree,
-    stop_process,
+    seaweed_s3,
 )
 from benchmarks.loglag import _machine_busy, _spawn_wait, _until, _weed_cpu, pct
 
@@ -76,47 +71,6 @@ SIZES = (1 * KiB, 4 * MiB)  # a change's size (log-uniform)
 
 # ---------------------------------------------------------------------------------------------------------
 # the sites
-
-
-@contextmanager
-def weed_site(workdir: Path, bucket: str = "watchlag", timeout: float = 60.0) -> Iterator[S3Target]:
-    """One `weed mini` on free loopback ports with one identity; SIGTERM, then SIGKILL after 2 s, by PID."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    access, secret = "benchaccess", "benchsecret-0123456789"
-    config = workdir / "s3.json"
-    identity = {
-        "name": "bench",
-        "credentials": [{"accessKey": access, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    config.write_text(json.dumps({"identities": [identity]}))
-    names = (
-        "master.port master.port.grpc volume.port volume.port.grpc filer.port filer.port.grpc s3.port "
-        "s3.port.grpc s3.port.iceberg s3.port.lance admin.port admin.port.grpc"
-    ).split()
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    argv = [
-        _weed_binary(),
-        "mini",
-        f"-dir={workdir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-webdav=false",
-        "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=1024",
-        "-volume.max=200",
-        f"-s3.config={config}",
-        *(f"-{k}={v}" for k, v in ports.items()),
-    ]
-    with open(workdir / "weed.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            endpoint = f"127.0.0.1:{ports['s3.port']}"
-            _wait_ready(proc, endpoint, workdir, timeout)
-            _ensure_bucket(endpoint, access, secret, bucket)
-            yield S3Target(endpoint, bucket, access, secret)
-        finally:
-            stop_process(proc)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -772,7 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     runs: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        sites = [stack.enter_context(weed_site(a.work / f"weed{i}")) for i in range(1, SITES + 1)]
+        sites = [
+            stack.enter_context(seaweed_s3(a.work / f"weed{i}", "watchlag")) for i in range(1, SITES + 1)
+        ]
         print(f"sites: {', '.join(s.endpoint for s in sites)}", file=sys.stderr)
         for i, name in enumerate(names, 1):
             r = asyncio.run(run_one(name, i, a.work / f"run{i}-{name}", sites, a))
