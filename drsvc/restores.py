@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any
 import restore
 from drsvc.app import App
 from drsvc.core import pgwal
-from drsvc.core.config import Config, SourceConfig
+from drsvc.core.config import Config, SourceConfig, parse_point
 from drsvc.core.errors import ConfigError, DRError, RestoreError, StoreError
 from drsvc.core.layout import Kind
 from drsvc.core.repository import Fallback, Repository
@@ -67,30 +66,6 @@ class VerificationFailed(RestoreError):
 
     code = "verify_failed"
     hint = "the target holds what was written, but it differs from the snapshot; restore again elsewhere"
-
-
-def parse_point(text: str) -> int | None:
-    """'latest' -> None; ISO 8601 (local time if no zone) or @epoch-seconds -> UTC nanoseconds
-    (``drsvc.cli.render.parse_time``'s rules); ValueError for anything else."""
-    if text == "latest":
-        return None
-    if text.startswith("@"):
-        try:
-            seconds = float(text[1:])
-        except ValueError:
-            raise ValueError(f"not a time: {text!r} (@ must be followed by epoch seconds)") from None
-        if not math.isfinite(seconds) or not 0 <= seconds < 2**63 / 1e9:
-            raise ValueError(f"not a time: {text!r} (epoch seconds out of range)")
-        return int(seconds * 1e9)
-    try:
-        t = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"not a time: {text!r} (use 'latest', ISO 8601 like 2026-11-25T08:00:00+08:00, or @epoch-seconds)"
-        ) from None
-    if t.tzinfo is None:
-        t = t.astimezone()
-    return int(t.timestamp() * 1e9)
 
 
 @dataclass(frozen=True)

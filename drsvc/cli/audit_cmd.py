@@ -15,8 +15,8 @@ from typing import Any
 from drsvc.app import App
 from drsvc.audit import AuditVerdict, Issue, open_log, verify_with_sites
 from drsvc.cli.main import EXIT_INTEGRITY, EXIT_OK, EXIT_TEMPFAIL
-from drsvc.cli.render import emit_json, out, parse_time
-from drsvc.core.config import load_config
+from drsvc.cli.render import emit_json, out
+from drsvc.core.config import load_config, parse_point
 from drsvc.core.errors import ConfigError
 
 
@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
 
 def _time(text: str) -> int:
     try:
-        t = parse_time(text)
+        t = parse_point(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if t is None:

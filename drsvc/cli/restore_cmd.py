@@ -13,8 +13,8 @@ from typing import Any
 from drsvc.app import App
 from drsvc.cli.main import EXIT_INTEGRITY
 from drsvc.cli.progress import ProgressReporter
-from drsvc.cli.render import emit_json, err, out, parse_time, size, when
-from drsvc.core.config import load_config
+from drsvc.cli.render import emit_json, err, out, size, when
+from drsvc.core.config import load_config, parse_point
 from drsvc.core.errors import ConfigError
 from restore.logreplay import LogRestoreResult
 from restore.postgres import PostgresRestoreResult
@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     try:
-        at = parse_time(args.at)
+        at = parse_point(args.at)
     except ValueError as exc:
         raise ConfigError(str(exc), key="--at") from None
     config = load_config(args.config)

@@ -10,6 +10,7 @@ import datetime
 import fnmatch
 import functools
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -80,6 +81,30 @@ def parse_duration(value: int | float | str) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def parse_point(text: str) -> int | None:
+    """A point in time as the CLI (--at) and the API take it: 'latest' -> None; ISO 8601 (local time if no
+    zone) or @epoch-seconds -> UTC nanoseconds; ValueError naming the problem for anything else."""
+    if text == "latest":
+        return None
+    if text.startswith("@"):
+        try:
+            seconds = float(text[1:])
+        except ValueError:
+            raise ValueError(f"not a time: {text!r} (@ must be followed by epoch seconds)") from None
+        if not math.isfinite(seconds) or not 0 <= seconds < 2**63 / 1e9:
+            raise ValueError(f"not a time: {text!r} (epoch seconds out of range)")
+        return int(seconds * 1e9)
+    try:
+        t = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"not a time: {text!r} (use 'latest', ISO 8601 like 2026-11-25T08:00:00+08:00, or @epoch-seconds)"
+        ) from None
+    if t.tzinfo is None:
+        t = t.astimezone()
+    return int(t.timestamp() * 1e9)
 
 
 class _Model(BaseModel):
